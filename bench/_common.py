@@ -1,0 +1,113 @@
+"""Shared helpers for the benchmark scripts: timing, memory, card name, JSON output."""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def time_ms(fn, device, warmup=3, rep=None):
+    """Median milliseconds of ``fn()`` and the 0.2/0.8 quantiles.
+
+    GPU: triton.testing.do_bench (it flushes the L2 cache between runs).
+    CPU: wall-clock over a few repetitions (CPU timings here are indicative only).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, q20, q80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+        return med, q20, q80
+    for _ in range(warmup):
+        fn()
+    times = []
+    budget_s, start = 5.0, time.perf_counter()
+    n = rep or 10
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if rep is None and time.perf_counter() - start > budget_s and i >= 2:
+            break
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
+    return statistics.median(times), q(0.2), q(0.8)
+
+
+def extra_memory_bytes(fn, device):
+    """Peak memory ``fn()`` allocates beyond what is live before it (CUDA only; None on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024.0
+
+
+def print_table(rows, columns):
+    """Print ``rows`` (list of dicts) as an aligned text table with the given (key, header) columns."""
+    cells = [[h for _, h in columns]] + [[str(r.get(k, "")) for k, _ in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_results(name, device, rows, extra=None, out_dir=None):
+    """Write ``rows`` to ``bench/results/<name>_<card>.json`` (and $OUT when set); return the path."""
+    device = torch.device(device)
+    card = device_name(device)
+    payload = {
+        "benchmark": name,
+        "device": card,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    try:
+        import triton
+
+        payload["triton"] = triton.__version__
+    except Exception:
+        payload["triton"] = None
+    if extra:
+        payload.update(extra)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in card).strip("_").lower()
+    paths = []
+    for d in filter(None, [out_dir or RESULTS_DIR, os.environ.get("OUT")]):
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"{name}_{slug}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths[0]

@@ -1,0 +1,34 @@
+"""Output allocation for the ops.
+
+Every output an op allocates goes through :func:`empty`. With the environment
+variable ``LGVQ_FAST_POISON=1`` (set by the test suite) outputs start as NaN
+(floating point) or the most negative integer, so a kernel that forgets to
+write an element fails the comparison instead of passing on leftover memory.
+"""
+import os
+
+import torch
+
+_POISON = os.environ.get("LGVQ_FAST_POISON", "0") not in ("", "0")
+
+
+def poison_enabled():
+    return _POISON
+
+
+def set_poison(enabled):
+    """Turn poisoning on or off for this process (the tests use the env var)."""
+    global _POISON
+    _POISON = bool(enabled)
+
+
+def empty(shape, dtype, device):
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON and out.numel() > 0:
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        elif dtype == torch.bool:
+            out.fill_(True)
+        else:
+            out.fill_(torch.iinfo(dtype).min)
+    return out

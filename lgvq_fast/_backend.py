@@ -1,0 +1,85 @@
+"""Backend discovery and the `impl=` contract shared by every op.
+
+Nothing optional is imported at module load: triton and the compiled extension
+``lgvq_fast._C`` are probed the first time an op asks for them.
+"""
+import functools
+import importlib
+import os
+
+import torch
+
+IMPLS = ("auto", "reference", "triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error():
+    """Return None when triton imports, else the reason it does not."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available():
+    return triton_import_error() is None
+
+
+def triton_interpret():
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ext_import_error():
+    """Return None when the compiled extension lgvq_fast._C imports, else why not."""
+    if os.environ.get("LGVQ_FAST_DISABLE_CUDA_EXT", "0") not in ("", "0"):
+        return "disabled by LGVQ_FAST_DISABLE_CUDA_EXT"
+    try:
+        importlib.import_module("lgvq_fast._C")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def cuda_ext_available():
+    return cuda_ext_import_error() is None
+
+
+def resolve_impl(op, impl, device):
+    """Map ``impl`` to the backend that will run ``op`` on ``device``.
+
+    ``auto`` picks cuda -> triton -> reference by availability and device. An
+    explicit choice that cannot run raises and says why; nothing falls back
+    silently.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "auto":
+        if device.type == "cuda":
+            if cuda_ext_available():
+                return "cuda"
+            if triton_available():
+                return "triton"
+        return "reference"
+    if impl == "reference":
+        return impl
+    if impl == "triton":
+        why = triton_import_error()
+        if why is not None:
+            raise RuntimeError(f"{op}: impl='triton' needs triton, which failed to import ({why})")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            raise RuntimeError(
+                f"{op}: impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                f"got tensors on {device}"
+            )
+        return impl
+    why = cuda_ext_import_error()
+    if why is not None:
+        raise RuntimeError(f"{op}: impl='cuda' needs the compiled extension lgvq_fast._C ({why})")
+    if device.type != "cuda":
+        raise RuntimeError(f"{op}: impl='cuda' needs CUDA tensors; got tensors on {device}")
+    return impl

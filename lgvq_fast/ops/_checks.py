@@ -1,0 +1,33 @@
+"""Argument checks shared by the public ops. Each error names the argument."""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(op, name, t, *, dtypes=None, ndim=None, min_ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_device(op, **tensors):
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def check_finite(op, name, t):
+    """Raise if ``t`` holds NaN or inf (costs one reduction; used on small inputs or on request)."""
+    if t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{op}: {name} contains NaN or inf")
