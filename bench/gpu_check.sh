@@ -34,7 +34,7 @@ if ! stage build 240 python3 -m pip install -q -e . --no-build-isolation --no-de
 fi
 stage import 60 python3 -c "from lgvq_fast import _cuda, _C; print(_cuda.info(), 'binary sm', _C.nearest_code_binary_version(0))"
 
-stage gpu-tests 200 python3 -m pytest -q -m gpu --maxfail=25 --no-header -p no:cacheprovider tests/test_gpu.py
+stage gpu-tests 200 python3 -m pytest -q -m gpu --maxfail=25 --no-header -p no:cacheprovider tests/
 
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SMALL_CASE='

@@ -7,7 +7,7 @@ from lgvq_fast import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "VectorQuantizer", "__version__"]
+__all__ = ["ops", "VectorQuantizer", "CVQVectorQuantizer", "__version__"]
 
 
 def __getattr__(name):
@@ -15,4 +15,8 @@ def __getattr__(name):
         from lgvq_fast.quantize import VectorQuantizer
 
         return VectorQuantizer
+    if name == "CVQVectorQuantizer":
+        from lgvq_fast.quantize_cvq import CVQVectorQuantizer
+
+        return CVQVectorQuantizer
     raise AttributeError(f"module 'lgvq_fast' has no attribute {name!r}")

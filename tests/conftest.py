@@ -2,13 +2,15 @@ import os
 import random
 import zlib
 
+import torch  # noqa: E402  (torch does not import triton at load)
+
 # Both must be set before triton / lgvq_fast are imported: Triton reads
 # TRITON_INTERPRET when its runtime loads, lgvq_fast._alloc reads the poison flag.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the Triton kernels run in the CPU interpreter; with one they compile.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("LGVQ_FAST_POISON", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # Every run draws fresh inputs; a failing run is replayed with LGVQ_FAST_TEST_SEED=<printed seed>.
 SESSION_SEED = int(os.environ.get("LGVQ_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))

@@ -1,0 +1,98 @@
+"""Codebook EMA update benchmark: `python bench/ema.py [--shape NxKxD]`.
+
+Rows (random normal z, uniform random indices, fp32 buffers):
+- reference one-hot: the textbook ``one_hot(indices) ^T @ z`` update (an N x K matrix) -- the baseline;
+- reference index_add: ``lgvq_fast.reference.ema`` (bincount + index_add_);
+- triton deterministic / triton atomic: the public op (sorted segments, or float atomics);
+- cuda: the public op with ``impl="cuda"`` when ``lgvq_fast._C`` is built.
+The public-op rows pass ``check_indices=False`` (the range check is a device sync; the indices
+here come from ``randint`` and are in range).
+
+Columns: median ms (do_bench on GPU), GB/s (z + indices read, buffers read and written once),
+max abs error of ``embed`` against a float64 update, and speed-up over the one-hot reference. A row
+whose error exceeds the tolerance (4x the index_add reference's own fp32 error, at least 16 fp32
+ulps of the largest value) gets no speed-up. On a CPU-only machine only the reference rows run.
+"""
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from bench._common import device_name, print_table, time_ms, write_results  # noqa: E402
+from lgvq_fast import _backend  # noqa: E402
+from lgvq_fast.ops import ema_update_  # noqa: E402
+from lgvq_fast.reference import ema as ref  # noqa: E402
+
+GPU_SHAPE = (65536, 16384, 256)
+CPU_SHAPE = (16384, 1024, 64)
+DECAY, EPS = 0.99, 1e-5
+
+
+def _impls(device):
+    rows = [("reference one-hot", ref.ema_update_onehot_), ("reference index_add", ref.ema_update_)]
+    skipped = []
+    # Under TRITON_INTERPRET=1 the CPU rows check the kernels only; their times mean nothing.
+    if _backend.triton_available() and (device.type == "cuda" or _backend.triton_interpret()):
+        for name, det in (("triton deterministic", True), ("triton atomic", False)):
+            def run(*a, det=det):
+                ema_update_(*a, deterministic=det, check_indices=False, impl="triton")
+
+            rows.append((name, run))
+    else:
+        skipped.append(("triton", "needs a CUDA GPU (and triton)"))
+    if device.type == "cuda" and _backend.cuda_ext_available():
+        rows.append(("cuda", lambda *a: ema_update_(*a, check_indices=False, impl="cuda")))
+    else:
+        skipped.append(("cuda", "needs a CUDA GPU and the compiled extension lgvq_fast._C"))
+    return rows, skipped
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", help="NxKxD (default: 65536x16384x256 on GPU, 16384x1024x64 on CPU)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+    N, K, D = tuple(int(x) for x in args.shape.lower().split("x")) if args.shape else default
+    torch.manual_seed(0)
+    z = torch.randn(N, D, device=device)
+    indices = torch.randint(0, K, (N,), device=device)
+    cluster_size = torch.rand(K, device=device) * 4 + 0.5
+    buffers = [cluster_size, torch.randn(K, D, device=device), torch.randn(K, D, device=device)]
+    want = [b.double() for b in buffers]
+    ref.ema_update_(*want, z.double(), indices, DECAY, EPS)
+    scale = float(want[2].abs().max())
+
+    impls, skipped = _impls(device)
+    moved = N * D * z.element_size() + N * indices.element_size() + K * D * 4 * 3 + K * 4 * 2
+    rows, errors = [], {}
+    for name, fn in impls:
+        out = [b.clone() for b in buffers]
+        fn(*out, z, indices, DECAY, EPS)
+        errors[name] = float((out[2].double() - want[2]).abs().max())
+        work = [b.clone() for b in buffers]
+        ms, _, _ = time_ms(lambda: fn(*work, z, indices, DECAY, EPS), device)
+        gbps = float(f"{moved / ms / 1e6:.3g}")
+        rows.append({"impl": name, "ms": round(ms, 4), "GB/s": gbps, "max_abs_err": f"{errors[name]:.2e}"})
+    tol = max(4 * errors["reference index_add"], 16 * torch.finfo(torch.float32).eps * scale)
+    base = rows[0]["ms"]
+    for row in rows:
+        ok = errors[row["impl"]] <= tol
+        row["ok"] = ok
+        row["speedup_vs_onehot"] = f"{base / row['ms']:.2f}x" if ok else "n/a (wrong)"
+    for name, why in skipped:
+        rows.append({"impl": name, "ms": "skipped", "speedup_vs_onehot": why})
+    print(f"ema_update_  N={N} K={K} D={D}  on {device_name(device)}  (tolerance {tol:.2e})")
+    print_table(rows, [("impl", "impl"), ("ms", "ms"), ("GB/s", "GB/s"), ("max_abs_err", "max |err| vs fp64"),
+                       ("speedup_vs_onehot", "speed-up vs one-hot")])
+    path = write_results("ema", device, rows, extra={"shape": {"N": N, "K": K, "D": D}, "tolerance": tol})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

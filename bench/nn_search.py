@@ -1,0 +1,225 @@
+"""Nearest-code search benchmark: `python bench/nn_search.py [--shapes NxKxD,...] [--metric l2|cos]`.
+
+Rows per shape (N rows of z, K codes, D dims; random normal inputs):
+- reference fp32 / fp32+tf32 / bf16: the usual full-matrix PyTorch search
+  (``||z||^2 + ||e||^2 - 2 z e^T`` then argmin, as taming-transformers and most VQ
+  code do); it allocates N x K matrices and is skipped when it would need more than
+  80 % of free memory. "reference fp32" (TF32 off) is the speed-up baseline.
+- reference chunked fp32: ``lgvq_fast.reference.nearest_code`` (bounded memory).
+- triton exact / fast, cuda exact / fast (when ``lgvq_fast._C`` is built): the public op;
+  triton exact bf16x3: the Triton kernel with split-bf16 instead of tf32x3 products.
+- vector-quantize-pytorch: ``VectorQuantize`` forward in eval mode, when installed.
+
+Columns: median ms (do_bench on GPU), TFLOP/s (2 N K D / time), extra memory
+(peak beyond inputs), mismatch rate against a float64 search on the first
+``--truth-rows`` rows (tie-aware: a different index whose float64 distance is
+within fp32 rounding of the best counts as agreeing), and speed-up over
+reference fp32. An exact-mode row that disagrees with float64 gets no speed-up
+("n/a (mismatch)"); rows that round their products (tf32, bf16, fast) report
+their mismatch rate and a speed-up labelled "(approx)".
+
+On a CPU-only machine only the reference rows run, at small default shapes;
+the kernels need a GPU.
+"""
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from bench._common import device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms, write_results  # noqa: E402
+from lgvq_fast import _backend  # noqa: E402
+from lgvq_fast.ops import nearest_code  # noqa: E402
+from lgvq_fast.reference import nearest_code as ref  # noqa: E402
+
+GPU_SHAPES = [(16384, 1024, 256), (65536, 16384, 256), (65536, 16384, 32), (65536, 16384, 8), (16384, 131072, 256)]
+CPU_SHAPES = [(2048, 1024, 256), (2048, 2048, 32), (2048, 2048, 8)]
+BASELINE = "reference fp32"
+
+
+def parse_shapes(text):
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 3:
+            raise SystemExit(f"--shapes: expected NxKxD items separated by commas, got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def full_matrix_search(z, codebook, metric):
+    """The common PyTorch search: one N x K distance matrix, then argmin. Returns (indices, distances)."""
+    if metric == "cos":
+        z = torch.nn.functional.normalize(z, dim=-1)
+        codebook = torch.nn.functional.normalize(codebook, dim=-1)
+        values, indices = (z @ codebook.T).max(dim=1)
+        return indices, 1.0 - values
+    d = z.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * (z @ codebook.T)
+    values, indices = d.min(dim=1)
+    return indices, values
+
+
+def free_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class TF32:
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def vqp_search(z, codebook, metric):
+    """vector-quantize-pytorch's VectorQuantize forward (eval mode) with our codebook loaded; or None."""
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except Exception:
+        return None
+    K, D = codebook.shape
+    vq = VectorQuantize(dim=D, codebook_size=K, use_cosine_sim=metric == "cos").to(z.device).eval()
+    vq._codebook.embed.data.copy_(codebook.reshape(vq._codebook.embed.shape))
+
+    @torch.no_grad()
+    def run():
+        _, indices, _ = vq(z[None])
+        return indices.reshape(-1), None
+
+    return run
+
+
+def candidates(z, codebook, metric, device):
+    """(name, fn returning (indices, distances or None), exact mode?, memory estimate) rows for this device."""
+    N, D = z.shape
+    K = codebook.shape[0]
+    full_bytes = 3 * N * K * 4
+    zb, eb = z.to(torch.bfloat16), codebook.to(torch.bfloat16)
+    rows = [(BASELINE, lambda: full_matrix_search(z, codebook, metric), True, full_bytes)]
+    if device.type == "cuda":
+        rows.append(("reference fp32+tf32", lambda: full_matrix_search(z, codebook, metric), False, full_bytes))
+    rows.append(("reference bf16", lambda: full_matrix_search(zb, eb, metric), False, full_bytes // 2))
+    rows.append(("reference chunked fp32", lambda: ref.nearest_code(z, codebook, metric), True, 0))
+    if device.type == "cuda":
+        for impl, ok in (("triton", _backend.triton_available()), ("cuda", _backend.cuda_ext_available())):
+            if not ok:
+                continue
+            for precision in ("exact", "fast"):
+                rows.append(
+                    (
+                        f"{impl} {precision}",
+                        lambda i=impl, p=precision: nearest_code(z, codebook, metric, p, i),
+                        precision == "exact",
+                        0,
+                    )
+                )
+    if device.type == "cuda" and _backend.triton_available():
+        from lgvq_fast.kernels.nearest_code import nearest_code_fwd
+
+        rows.append(
+            (
+                "triton exact bf16x3",
+                lambda: nearest_code_fwd(z, codebook, metric, "exact", exact_split="bf16x3"),
+                True,
+                0,
+            )
+        )
+    vqp = vqp_search(z, codebook, metric)
+    if vqp is not None:
+        rows.append(("vector-quantize-pytorch", vqp, False, 2 * full_bytes))
+    return rows
+
+
+def bench_shape(shape, metric, device, truth_rows):
+    N, K, D = shape
+    gen = torch.Generator(device="cpu").manual_seed(N * 31 + K * 7 + D)
+    z = torch.randn(N, D, generator=gen).to(device)
+    codebook = torch.randn(K, D, generator=gen).to(device)
+    S = min(N, truth_rows)
+    truth, _ = ref.exact_nearest(z[:S], codebook, metric)
+    flops = 2.0 * N * K * D
+    results, base_ms = [], None
+    for name, fn, exact, need in candidates(z, codebook, metric, device):
+        row = {"shape": f"{N}x{K}x{D}", "impl": name, "metric": metric}
+        if need > 0.8 * free_memory_bytes(device):
+            row.update(ms="skipped", note=f"needs ~{fmt_bytes(need)}, over 80% of free memory")
+            results.append(row)
+            continue
+        with TF32(name.endswith("+tf32")):
+            indices = fn()[0]
+            mismatch = ref.tie_aware_mismatch(z[:S], codebook, indices[:S], metric, truth=truth)
+            del indices
+            extra = extra_memory_bytes(fn, device)
+            ms, q20, q80 = time_ms(fn, device)
+        row.update(
+            ms=round(ms, 4),
+            ms_q20=round(q20, 4),
+            ms_q80=round(q80, 4),
+            tflops=float(f"{flops / (ms * 1e-3) / 1e12:.3g}"),
+            extra_bytes=extra,
+            extra_mem=fmt_bytes(extra),
+            mismatch=mismatch,
+            mismatch_pct=f"{100 * mismatch:.3f}%",
+            exact_mode=exact,
+        )
+        if name == BASELINE:
+            base_ms = ms
+        results.append(row)
+    for row in results:
+        if not isinstance(row.get("ms"), float):
+            row["speedup"] = "n/a"
+        elif base_ms is None:
+            row["speedup"] = "n/a (no baseline)"
+        elif row["impl"] == BASELINE:
+            row["speedup"] = "1.00x (baseline)"
+        elif row["exact_mode"] and row["mismatch"] > 0:
+            row["speedup"] = "n/a (mismatch)"
+        else:
+            label = "" if row["exact_mode"] else " (approx)"
+            row["speedup"] = f"{base_ms / row['ms']:.2f}x{label}"
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", help="comma-separated NxKxD list (default: GPU set on CUDA, small set on CPU)")
+    parser.add_argument("--metric", choices=("l2", "cos"), default="l2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--truth-rows", type=int, default=4096, help="rows checked against float64")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    print(f"nearest_code benchmark on {device_name(device)}, metric={args.metric}")
+    if device.type != "cuda":
+        print("CPU run: only the PyTorch reference rows are timed; the Triton and CUDA kernels need a GPU.")
+    rows = []
+    for shape in shapes:
+        rows.extend(bench_shape(shape, args.metric, device, args.truth_rows))
+    columns = [
+        ("shape", "N x K x D"),
+        ("impl", "impl"),
+        ("ms", "ms"),
+        ("tflops", "TFLOP/s"),
+        ("extra_mem", "extra mem"),
+        ("mismatch_pct", "mismatch vs fp64"),
+        ("speedup", f"speed-up vs {BASELINE}"),
+        ("note", "note"),
+    ]
+    print_table(rows, columns)
+    path = write_results("nn_search", device, rows, extra={"metric": args.metric, "truth_rows": args.truth_rows})
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

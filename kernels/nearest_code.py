@@ -1,0 +1,312 @@
+"""Triton nearest-code search: fused distance product + running argmin, no N x K tensor.
+
+One program owns ``BLOCK_N`` rows of ``z`` and visits the codebook in tiles of
+``BLOCK_K`` codes in increasing order. For each tile it forms ``z . e`` with
+``tl.dot`` (looping over ``D`` in ``BLOCK_D`` chunks unless one chunk covers
+``D``), turns it into a score and keeps a running minimum with a strict ``<``;
+inside a tile the smallest index reaching the tile minimum wins, so ties go to
+the lowest index as in ``torch.argmin``.
+
+Scores:
+- l2: ``||e||^2 - 2 z.e`` (``||e||^2`` precomputed in fp32 by a small kernel);
+  ``||z||^2`` is added only when the distance is stored, then clamped at 0.
+- cos: ``-(z.e) / max(||e||, eps)`` (the inverse norms precomputed the same
+  way); dividing by ``max(||z||, eps)`` does not change the argmin, so it
+  happens only when the distance ``1 - cos`` is stored.
+
+The codebook is never copied: tiles are loaded in its own dtype and strides and
+converted in registers, so the extra memory is K floats plus the outputs.
+
+Precision: ``exact`` multiplies fp32 operands with ``input_precision="tf32x3"``
+(three TF32 products, about fp32 accuracy); ``fast`` multiplies bf16 operands
+with fp32 accumulation. ``nearest_code_fwd(..., exact_split="bf16x3")`` is an
+exact-mode variant with three bf16 products of hi/lo parts, offered to the
+benchmark as a faster candidate. The CPU interpreter (Triton 3.9) multiplies bf16 tiles as
+their raw uint16 bit patterns, so under TRITON_INTERPRET the fast path rounds
+the operands to bf16 and multiplies them as fp32 (the same products, exactly).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lgvq_fast import _alloc
+
+# Same eps as lgvq_fast.reference.nearest_code.COS_EPS (torch.nn.functional.normalize's default).
+COS_EPS = 1e-12
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs():
+    if _interpret():
+        # The CPU interpreter pays per tile, not per FLOP: one mid-sized config keeps tests fast.
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 64}, num_warps=4)]
+    shapes = [
+        (128, 128, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 256, 32, 8, 3),
+        (256, 128, 32, 8, 3),
+        (64, 128, 128, 4, 3),
+        (64, 128, 256, 4, 2),
+        (64, 64, 256, 4, 2),
+        (128, 128, 16, 4, 4),
+        (64, 128, 16, 4, 4),
+        (256, 128, 16, 8, 3),
+        (128, 256, 16, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_D": d}, num_warps=w, num_stages=s)
+        for n, k, d, w, s in shapes
+    ]
+
+
+# Hopper allows up to 227 KiB of shared memory per block; leave room for the reductions.
+_SMEM_BUDGET = 200 * 1024
+
+
+def _smem_estimate(config, operand_bytes):
+    """Pipelined operand tiles: num_stages copies of a [BLOCK_N, BLOCK_D] and a [BLOCK_D, BLOCK_K] tile."""
+    kw = config.kwargs
+    tile = kw["BLOCK_N"] * kw["BLOCK_D"] + kw["BLOCK_D"] * kw["BLOCK_K"]
+    return max(config.num_stages, 1) * tile * operand_bytes
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose D chunk is far wider than D, or whose tiles overflow shared memory."""
+    args = {**named_args, **kwargs}
+    D = args["D"]
+    # Exact mode stages fp32 tiles whatever the input dtype; fast mode stages tiles as loaded.
+    operand_bytes = 4
+    if args.get("FAST", False):
+        operand_bytes = max(args["z_ptr"].element_size(), args["e_ptr"].element_size())
+    widest = max(16, triton.next_power_of_2(D))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_D"] <= widest and _smem_estimate(c, operand_bytes) <= _SMEM_BUDGET
+    ]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _code_norms_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, IS_COS: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Per code, in fp32: ``||e||^2`` (l2) or ``1 / max(||e||, eps)`` (cos)."""
+    pid_k = tl.program_id(0)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    offs_d = tl.arange(0, BLOCK_D)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = (d0 + offs_d) < D
+        ptrs = e_ptr + offs_k[:, None] * stride_ek + (d0 + offs_d)[None, :] * stride_ed
+        et = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(et * et, axis=1)
+    if IS_COS:
+        sq = 1.0 / tl.maximum(tl.sqrt_rn(sq), eps)
+    tl.store(out_ptr + offs_k, sq, mask=mask_k)
+
+
+@triton.jit
+def _operand(x, FAST: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """A tile as the product wants it: fp32 (exact) or bf16 (fast; fp32 holding bf16 values when emulated)."""
+    if FAST:
+        x = x.to(tl.bfloat16)
+        if EMULATE_BF16:
+            x = x.to(tl.float32)
+    else:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _bf16_parts(x, EMULATE_BF16: tl.constexpr):
+    """fp32 ``x`` as ``hi + lo`` with both parts bf16 (about 16 significant bits together)."""
+    hi = x.to(tl.bfloat16)
+    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    if EMULATE_BF16:
+        hi = hi.to(tl.float32)
+        lo = lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _dot(a, b, acc, FAST: tl.constexpr, SPLIT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    if FAST:
+        if EMULATE_BF16:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    elif SPLIT_BF16:
+        # Three bf16 products (lo*lo dropped), small terms first; exact bf16 products, fp32 sums.
+        a_hi, a_lo = _bf16_parts(a, EMULATE_BF16)
+        b_hi, b_lo = _bf16_parts(b, EMULATE_BF16)
+        if EMULATE_BF16:
+            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
+            acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
+            acc = tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_lo, b_hi, acc)
+            acc = tl.dot(a_hi, b_lo, acc)
+            acc = tl.dot(a_hi, b_hi, acc)
+    elif EMULATE_BF16:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        # Split precision: three TF32 products recover about fp32 accuracy on tensor cores.
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["K", "D", "IS_COS", "FAST", "SPLIT_BF16"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.heuristics({"ONE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
+@triton.jit
+def _nearest_code_fwd_kernel(
+    z_ptr,
+    e_ptr,
+    e_aux_ptr,
+    idx_ptr,
+    dist_ptr,
+    N,
+    K,
+    D,
+    stride_zn,
+    stride_zd,
+    stride_ek,
+    stride_ed,
+    eps,
+    IS_COS: tl.constexpr,
+    FAST: tl.constexpr,
+    SPLIT_BF16: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_TILE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_kb = tl.arange(0, BLOCK_K)
+    z_rows = z_ptr + offs_n[:, None] * stride_zn
+
+    # ||z||^2 from the input values in fp32 (before any bf16 rounding of the operands).
+    z_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = (d0 + offs_d) < D
+        zt = tl.load(z_rows + (d0 + offs_d)[None, :] * stride_zd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        zt = zt.to(tl.float32)
+        z_sq += tl.sum(zt * zt, axis=1)
+
+    if ONE_D_TILE:
+        # D fits one chunk: keep the z tile in registers across all code tiles.
+        mask_d = offs_d < D
+        z_tile = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        z_tile = _operand(z_tile, FAST, EMULATE_BF16)
+
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_kb
+        mask_k = offs_k < K
+        e_cols = e_ptr + offs_k.to(tl.int64)[None, :] * stride_ek
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if ONE_D_TILE:
+            et = tl.load(e_cols + offs_d[:, None] * stride_ed, mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+            acc = _dot(z_tile, _operand(et, FAST, EMULATE_BF16), acc, FAST, SPLIT_BF16, EMULATE_BF16)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                mask_d = (d0 + offs_d) < D
+                zt = tl.load(
+                    z_rows + (d0 + offs_d)[None, :] * stride_zd, mask=mask_n[:, None] & mask_d[None, :], other=0.0
+                )
+                et = tl.load(
+                    e_cols + (d0 + offs_d)[:, None] * stride_ed, mask=mask_d[:, None] & mask_k[None, :], other=0.0
+                )
+                zt = _operand(zt, FAST, EMULATE_BF16)
+                acc = _dot(zt, _operand(et, FAST, EMULATE_BF16), acc, FAST, SPLIT_BF16, EMULATE_BF16)
+        e_aux = tl.load(e_aux_ptr + offs_k, mask=mask_k, other=0.0)
+        if IS_COS:
+            # e_aux = 1 / max(||e||, eps): the score is -z . e_hat.
+            score = -acc * e_aux[None, :]
+        else:
+            # e_aux = ||e||^2.
+            score = e_aux[None, :] - 2.0 * acc
+        score = tl.where(mask_k[None, :], score, float("inf"))
+        tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_min < best
+        best = tl.where(better, tile_min, best)
+        best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+
+    if IS_COS:
+        dist = 1.0 + best / tl.maximum(tl.sqrt_rn(z_sq), eps)
+    else:
+        dist = tl.maximum(z_sq + best, 0.0)
+    tl.store(idx_ptr + offs_n, best_idx, mask=mask_n)
+    tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+
+
+def code_norms(codebook, metric):
+    """fp32 ``[K]``: ``||e||^2`` for l2, ``1 / max(||e||, eps)`` for cos (one launch, no codebook copy)."""
+    K, D = codebook.shape
+    out = torch.empty((K,), dtype=torch.float32, device=codebook.device)
+    block_k = 64
+    block_d = min(128, max(16, triton.next_power_of_2(D)))
+    _code_norms_kernel[(triton.cdiv(K, block_k),)](
+        codebook, out, K, D, codebook.stride(0), codebook.stride(1), COS_EPS,
+        IS_COS=metric == "cos", BLOCK_K=block_k, BLOCK_D=block_d,
+    )
+    return out
+
+
+def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="tf32x3"):
+    """Host launcher: ``z [N, D]`` and ``codebook [K, D]`` (any strides; fp32/bf16/fp16).
+
+    Returns ``(indices int64 [N], distances fp32 [N])``. Arguments are assumed
+    validated by ``lgvq_fast.ops.nearest_code``. Extra memory is ``K`` floats:
+    the codebook is read in place and converted tile by tile inside the kernel.
+
+    ``exact_split`` picks the exact-mode product: ``"tf32x3"`` (default, about
+    fp32 accuracy) or ``"bf16x3"`` (hi/lo bf16 parts, about 16 significant bits,
+    twice the tensor-core rate of tf32); bench/nn_search.py reports both.
+    """
+    assert exact_split in ("tf32x3", "bf16x3")
+    assert z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1]
+    N, D = z.shape
+    K = codebook.shape[0]
+    indices = _alloc.empty((N,), torch.int64, z.device)
+    distances = _alloc.empty((N,), torch.float32, z.device)
+    if N == 0:
+        return indices, distances
+    e_aux = code_norms(codebook, metric)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _nearest_code_fwd_kernel[grid](
+        z,
+        codebook,
+        e_aux,
+        indices,
+        distances,
+        N,
+        K,
+        D,
+        z.stride(0),
+        z.stride(1),
+        codebook.stride(0),
+        codebook.stride(1),
+        COS_EPS,
+        IS_COS=metric == "cos",
+        FAST=precision == "fast",
+        SPLIT_BF16=exact_split == "bf16x3",
+        EMULATE_BF16=_interpret(),
+    )
+    return indices, distances

@@ -1,0 +1,110 @@
+"""Public nearest-code search: checks, backend choice, the ``lgvq_fast::nearest_code`` custom op.
+
+``nearest_code(z, codebook, metric="l2", precision="exact", impl="auto")``
+returns ``(indices, distances)`` for ``z [..., D]`` and ``codebook [K, D]``:
+``indices`` int64 of shape ``z.shape[:-1]``, ``distances`` fp32 of the same
+shape (squared L2, or ``1 - cosine similarity`` with vectors normalised as
+``x / max(||x||, 1e-12)`` so zero vectors give distance 1, not NaN). Ties go to
+the lowest index.
+
+Backends (``impl``): ``reference`` (chunked PyTorch, fp32 products, any device;
+it ignores ``precision``), ``triton`` (fused kernel, CUDA or the CPU
+interpreter), ``cuda`` (``lgvq_fast._cuda``, needs the compiled extension),
+``auto`` = cuda -> triton -> reference on CUDA tensors, reference elsewhere.
+
+Precision:
+- ``exact``: the indices equal the argmin of float64 distances except where two
+  codes are tied within fp32 rounding (Triton: split-precision ``tf32x3``
+  products of fp32 operands).
+- ``fast``: bf16 operands with fp32 accumulation; ``||e||^2``, ``||z||^2`` and
+  the reported distance stay fp32. Measured mismatch rate against float64
+  (tie-aware) in the Triton CPU interpreter, which performs the same bf16
+  operand rounding: 0.2-0.3 % of rows for Gaussian z and codebook with N=2000,
+  K=1000, D=77 or 256 (l2 and cos). A plain bf16 PyTorch search (bf16 output
+  too) disagrees on 4-6 % at similar shapes. The GPU rate at real shapes is
+  measured and printed by ``python bench/nn_search.py``. The reported distance
+  is that of the chosen code with bf16-rounded products (relative error
+  about 2^-8 of the summed magnitudes).
+
+dtypes: ``z`` and ``codebook`` may be fp32, bf16 or fp16 (mixed is fine); they
+are upcast to fp32 (exact) or rounded to bf16 (fast) inside the kernels.
+float64 is rejected here; ``lgvq_fast.reference.nearest_code.nearest_code``
+takes float64 inputs for testing.
+
+Not checked, by design (each check would cost a device sync per call): NaN or
+inf in the inputs. A row containing NaN gets an unspecified index and a NaN or
+inf distance.
+
+Gradients: none. Both outputs are returned detached; a quantizer computes its
+straight-through estimate and distances-based losses outside this op.
+"""
+import torch
+
+from lgvq_fast import _alloc
+from lgvq_fast._backend import resolve_impl
+from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from lgvq_fast.reference import nearest_code as _ref
+
+METRICS = ("l2", "cos")
+PRECISIONS = ("exact", "fast")
+
+
+@torch.library.custom_op("lgvq_fast::nearest_code", mutates_args=())
+def _nearest_code_op(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    N = z.shape[0]
+    if impl == "triton":
+        from lgvq_fast.kernels.nearest_code import nearest_code_fwd
+
+        return nearest_code_fwd(z, codebook, metric, precision)
+    if impl == "cuda":
+        from lgvq_fast import _cuda
+
+        return _cuda.nearest_code(z.contiguous(), codebook.contiguous(), metric, precision)
+    indices = _alloc.empty((N,), torch.int64, z.device)
+    distances = _alloc.empty((N,), torch.float32, z.device)
+    if N:
+        idx, dist = _ref.nearest_code(z, codebook, metric)
+        indices.copy_(idx)
+        distances.copy_(dist)
+    return indices, distances
+
+
+@_nearest_code_op.register_fake
+def _(z, codebook, metric, precision, impl):
+    N = z.shape[0]
+    return z.new_empty((N,), dtype=torch.int64), z.new_empty((N,), dtype=torch.float32)
+
+
+def _check(z, codebook, metric, precision):
+    op = "nearest_code"
+    check_tensor(op, "z", z, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor(op, "codebook", codebook, dtypes=FLOAT_DTYPES, ndim=2)
+    check_same_device(op, z=z, codebook=codebook)
+    if codebook.shape[1] != z.shape[-1]:
+        raise ValueError(f"{op}: codebook has D={codebook.shape[1]} but z has D={z.shape[-1]}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"{op}: codebook is empty (K=0); it needs at least one code")
+    if z.shape[-1] == 0:
+        raise ValueError(f"{op}: z has D=0; vectors need at least one component")
+    if metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def nearest_code(z, codebook, metric="l2", precision="exact", impl="auto"):
+    """Nearest code of every row of ``z [..., D]`` in ``codebook [K, D]``.
+
+    Returns ``(indices int64 z.shape[:-1], distances fp32 z.shape[:-1])``; see the
+    module docstring for metrics, precision, backends and what is not checked.
+    Raises ValueError for bad arguments (naming the argument) and RuntimeError
+    when an explicit ``impl`` cannot run here.
+    """
+    _check(z, codebook, metric, precision)
+    backend = resolve_impl("nearest_code", impl, z.device)
+    lead = z.shape[:-1]
+    z2d = z.detach().reshape(-1, z.shape[-1])
+    indices, distances = _nearest_code_op(z2d, codebook.detach(), metric, precision, backend)
+    return indices.reshape(lead), distances.reshape(lead)
