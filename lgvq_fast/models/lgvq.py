@@ -1,0 +1,255 @@
+"""The LG-VQ tokenizer (generator side): VQGAN + quantizer + Semantic and Relationship Alignment Modules.
+
+``LGVQ.forward(images, text, text_feats)`` runs the whole generator once per step; the trainer feeds the
+discriminator ``out["x_rec"].detach()`` from the same forward (no second forward, spec §8 B8). The frozen
+text encoder is not a submodule: the trainer calls ``text_encoder.encode(text, cfg.mask_input)`` once per
+batch and passes the result as ``text_feats``. Whichever ``mask_input`` was used, the MTP decoder input at
+masked positions is the learned per-position mask vector; GSA uses the unmasked caption's global feature and
+RAM the unmasked caption's token features (``TextFeatures.token_feats_full``; a plain 2-tuple is taken as
+coming from the unmasked caption).
+"""
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+
+from lgvq_fast.models._nvtx import nvtx_range
+from lgvq_fast.models.ram import RelationAlignment
+from lgvq_fast.models.sam import SemanticAlignment, gsa_loss
+from lgvq_fast.models.vqgan import Decoder, Encoder
+
+
+@dataclass
+class LGVQConfig:
+    resolution: int = 32
+    in_channels: int = 3
+    ch: int = 32
+    ch_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple = ()
+    z_channels: int = 32
+    dropout: float = 0.0
+    embed_dim: int = 32
+    codebook_size: int = 128
+    quantizer: str = "vq"
+    commitment_weight: float = 0.25
+    legacy: bool = True
+    ema_update: bool = False
+    decay: float = 0.99
+    use_cosine_sim: bool = False
+    quantizer_kwargs: dict = field(default_factory=dict)
+    text_encoder: str = "minilm"
+    use_text_losses: bool = True
+    w_gsa: float = 0.1
+    w_mtp: float = 0.1
+    w_ras: float = 0.1
+    mask_input: bool = True
+    max_text_len: int = 32
+    mask_ratio_range: tuple = (0.1, 0.3)
+    vt_layers: int = 2
+    vt_heads: int = 1
+    vt_mlp_ratio: int = 4
+    mtp_layers: int = 2
+    mtp_heads: int = 1
+    mtp_ffn_hidden: int | None = 256
+    mtp_dropout: float = 0.1
+    label_smoothing: float = 0.1
+    perceptual_weight: float = 1.0
+    lpips_path: str | None = None
+    disc_start: int = 2000
+    disc_weight: float = 0.8
+    disc_factor: float = 1.0
+    codebook_weight: float = 1.0
+    disc_ndf: int = 64
+    disc_layers: int = 3
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        f = self.downsample_factor
+        if self.resolution % f:
+            raise ValueError(f"resolution {self.resolution} is not divisible by the downsampling factor {f}")
+        return (self.resolution // f, self.resolution // f)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LGVQConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown LGVQConfig keys: {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+def _paper(**kw) -> LGVQConfig:
+    base = dict(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                z_channels=256, embed_dim=256, codebook_size=1024, max_text_len=30, vt_layers=2, vt_heads=1,
+                mtp_layers=2, mtp_heads=1, mtp_ffn_hidden=None, disc_start=10000, disc_weight=0.8,
+                perceptual_weight=1.0, disc_ndf=64, disc_layers=3)
+    base.update(kw)
+    return LGVQConfig(**base)
+
+
+def tiny_cpu() -> LGVQConfig:
+    """Few-minute CPU run: 32x32 images, f = 4 (8x8 grid), K = 128, D = 32, packaged MiniLM."""
+    return LGVQConfig()
+
+
+def celebahq(quantizer: str = "vq") -> LGVQConfig:
+    return _paper(quantizer=quantizer, w_gsa=0.001, w_mtp=0.01, w_ras=0.0001)
+
+
+def cub(quantizer: str = "vq") -> LGVQConfig:
+    return _paper(quantizer=quantizer, w_gsa=0.001, w_mtp=0.001, w_ras=0.001)
+
+
+def coco(quantizer: str = "cvq") -> LGVQConfig:
+    # no COCO config ships officially; the TextCaps weights and the CVQ quantizer (spec §5.2)
+    return _paper(quantizer=quantizer, w_gsa=0.001, w_mtp=0.01, w_ras=0.0001)
+
+
+PRESETS = {
+    "tiny-cpu": tiny_cpu,
+    "celebahq": celebahq,
+    "cub": cub,
+    "coco": coco,
+    "celebahq-vqgan": lambda: celebahq("vq"),
+    "celebahq-cvq": lambda: celebahq("cvq"),
+    "cub-vqgan": lambda: cub("vq"),
+    "cub-cvq": lambda: cub("cvq"),
+    "coco-vqgan": lambda: coco("vq"),
+    "coco-cvq": lambda: coco("cvq"),
+}
+
+
+def preset(name: str, **overrides) -> LGVQConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name](), **overrides)
+
+
+def _build_quantizer(cfg: LGVQConfig) -> nn.Module:
+    if cfg.quantizer == "vq":
+        from lgvq_fast.quantize import VectorQuantizer
+
+        return VectorQuantizer(cfg.embed_dim, cfg.codebook_size, commitment_weight=cfg.commitment_weight,
+                               legacy=cfg.legacy, use_cosine_sim=cfg.use_cosine_sim, ema_update=cfg.ema_update,
+                               decay=cfg.decay, channel_last=True, **cfg.quantizer_kwargs)
+    if cfg.quantizer == "cvq":
+        from lgvq_fast.quantize_cvq import CVQVectorQuantizer
+
+        return CVQVectorQuantizer(cfg.embed_dim, cfg.codebook_size, commitment_weight=cfg.commitment_weight,
+                                  channel_last=True, **cfg.quantizer_kwargs)
+    raise ValueError(f"quantizer must be 'vq' or 'cvq', got {cfg.quantizer!r}")
+
+
+class LGVQ(nn.Module):
+    def __init__(self, cfg: LGVQConfig, text_embedding: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backbone = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                        attn_resolutions=tuple(cfg.attn_resolutions), resolution=cfg.resolution,
+                        z_channels=cfg.z_channels, dropout=cfg.dropout)
+        self.encoder = Encoder(in_channels=cfg.in_channels, **backbone)
+        self.decoder = Decoder(out_ch=cfg.in_channels, **backbone)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quantizer = _build_quantizer(cfg)
+        self.sam = None
+        self.ram = None
+        if cfg.use_text_losses:
+            if text_embedding is None or text_embedding.ndim != 2:
+                raise ValueError("use_text_losses needs text_embedding [V, C_text] (the text encoder's input "
+                                 "embedding table)")
+            self.sam = SemanticAlignment(
+                embed_dim=cfg.embed_dim, text_embedding=text_embedding, grid=cfg.grid,
+                max_text_len=cfg.max_text_len, vt_layers=cfg.vt_layers, vt_heads=cfg.vt_heads,
+                vt_mlp_ratio=cfg.vt_mlp_ratio, mtp_layers=cfg.mtp_layers, mtp_heads=cfg.mtp_heads,
+                mtp_ffn_hidden=cfg.mtp_ffn_hidden, mtp_dropout=cfg.mtp_dropout,
+                label_smoothing=cfg.label_smoothing)
+            self.ram = RelationAlignment(cfg.embed_dim, text_embedding.shape[1])
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    def _quantize(self, images):
+        dev = images.device
+        with nvtx_range("encoder", dev):
+            z = self.quant_conv(self.encoder(images))
+        with nvtx_range("quantizer", dev):
+            # channel-last [B, h, w, D]: the layout f_vt and RAM read as tokens
+            quant, indices, q_loss = self.quantizer(z.permute(0, 2, 3, 1))
+        return quant, indices, q_loss
+
+    def encode(self, images):
+        """images [B, 3, H, W] → (quant [B, D, h, w], indices [B, h, w])."""
+        quant, indices, _ = self._quantize(images)
+        return quant.permute(0, 3, 1, 2), indices
+
+    def decode(self, quant):
+        with nvtx_range("decoder", quant.device):
+            return self.decoder(self.post_quant_conv(quant))
+
+    def decode_indices(self, indices):
+        codes = self.quantizer.get_codes_from_indices(indices)  # [B, h, w, D]
+        return self.decode(codes.permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype))
+
+    def forward(self, images, text=None, text_feats=None):
+        if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"images must be [B, {self.cfg.in_channels}, H, W], got {tuple(images.shape)}")
+        quant, indices, q_loss = self._quantize(images)
+        x_rec = self.decode(quant.permute(0, 3, 1, 2))
+        out = {"x_rec": x_rec, "indices": indices, "q_loss": q_loss, "text_losses": {},
+               "mtp_acc": None, "vt_global": None}
+        if self.sam is None:
+            return out
+        b, h, w, d = quant.shape
+        tokens = quant.reshape(b, h * w, d)
+        with nvtx_range("text_losses", images.device):
+            vt_out = self.sam.visual(tokens, (h, w))  # [B, T + 1, C_text]
+            out["vt_global"] = vt_out[:, 0]
+            if text is not None:
+                out["text_losses"], out["mtp_acc"] = self._text_losses(vt_out, tokens, text, text_feats)
+        return out
+
+    def _text_losses(self, vt_out, tokens, text, text_feats):
+        if text_feats is None:
+            raise ValueError("text_feats is required with text: pass text_encoder.encode(text, cfg.mask_input)")
+        token_feats, global_feat = text_feats[0], text_feats[1]
+        token_feats_full = getattr(text_feats, "token_feats_full", token_feats)
+        dev = vt_out.device
+        text = text.to(dev)
+        token_feats, global_feat, token_feats_full = (t.to(dev) for t in (token_feats, global_feat, token_feats_full))
+        if token_feats.shape[:2] != text.input_ids.shape or global_feat.shape[0] != text.input_ids.shape[0]:
+            raise ValueError(f"text_feats shapes {tuple(token_feats.shape)}, {tuple(global_feat.shape)} do not match "
+                             f"text.input_ids {tuple(text.input_ids.shape)}")
+        if global_feat.shape[0] != vt_out.shape[0]:
+            raise ValueError(f"text batch {global_feat.shape[0]} != image batch {vt_out.shape[0]}")
+        losses = {"gsa": gsa_loss(vt_out[:, 0], global_feat)}
+        losses["mtp"], acc = self.sam.mtp(vt_out, token_feats, text)
+        losses["ras"] = self.ram(token_feats_full, vt_out[:, 1:], tokens, text.pad_mask)
+        return losses, acc
+
+
+def build_model(cfg: LGVQConfig, text_encoder=None):
+    """→ (LGVQ, VQGANLoss). ``text_encoder`` (a ``TextEncoder``) is required when ``cfg.use_text_losses``."""
+    from lgvq_fast.models.losses import VQGANLoss
+
+    emb = None
+    if cfg.use_text_losses:
+        if text_encoder is None:
+            raise ValueError("build_model: cfg.use_text_losses needs a text_encoder")
+        emb = text_encoder.input_embeddings
+    model = LGVQ(cfg, emb)
+    loss = VQGANLoss(disc_start=cfg.disc_start, disc_weight=cfg.disc_weight, disc_factor=cfg.disc_factor,
+                     codebook_weight=cfg.codebook_weight, perceptual_weight=cfg.perceptual_weight,
+                     lpips_path=cfg.lpips_path, w_gsa=cfg.w_gsa, w_mtp=cfg.w_mtp, w_ras=cfg.w_ras,
+                     disc_in_channels=cfg.in_channels, disc_ndf=cfg.disc_ndf, disc_layers=cfg.disc_layers)
+    return model, loss

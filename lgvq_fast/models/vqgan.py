@@ -1,0 +1,174 @@
+"""VQGAN encoder and decoder (the taming-transformers layout the paper uses, spec §1.1).
+
+GroupNorm(32, eps 1e-6), swish, ResnetBlock, single-head spatial AttnBlock, strided-conv Downsample and
+nearest Upsample + conv. The encoder has ``num_res_blocks`` blocks per level, the decoder
+``num_res_blocks + 1``; attention is added at the levels whose resolution is in ``attn_resolutions`` and
+always in the middle block. The downsampling factor is ``2 ** (len(ch_mult) - 1)``.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.norm1 = normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # [B, 1, HW, C]: one head over all spatial positions
+        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # asymmetric padding keeps the output exactly half the input size
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _check_ch(ch, ch_mult):
+    for m in ch_mult:
+        if (ch * m) % 32:
+            raise ValueError(f"ch * ch_mult must be multiples of 32 for GroupNorm(32); got ch={ch}, ch_mult={ch_mult}")
+
+
+class Encoder(nn.Module):
+    def __init__(self, *, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                 in_channels=3, resolution=256, z_channels=256, dropout=0.0):
+        super().__init__()
+        _check_ch(ch, ch_mult)
+        self.num_levels = len(ch_mult)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        in_mult = (1,) + tuple(ch_mult)
+        res = resolution
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level in range(self.num_levels):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            block_in = ch * in_mult[level]
+            block_out = ch * ch_mult[level]
+            for _ in range(num_res_blocks):
+                stage.block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+            if level != self.num_levels - 1:
+                stage.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.norm_out = normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level, stage in enumerate(self.down):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if level != self.num_levels - 1:
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, *, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                 out_ch=3, resolution=256, z_channels=256, dropout=0.0):
+        super().__init__()
+        _check_ch(ch, ch_mult)
+        self.num_levels = len(ch_mult)
+        block_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (self.num_levels - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        # built from the lowest resolution up, stored by level index so names match the encoder's
+        up = []
+        for level in reversed(range(self.num_levels)):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            block_out = ch * ch_mult[level]
+            for _ in range(num_res_blocks + 1):
+                stage.block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+            if level != 0:
+                stage.upsample = Upsample(block_in)
+                res *= 2
+            up.insert(0, stage)
+        self.up = nn.ModuleList(up)
+        self.norm_out = normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(range(self.num_levels)):
+            stage = self.up[level]
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if level != 0:
+                h = stage.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
