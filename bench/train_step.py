@@ -1,0 +1,174 @@
+"""Images/s and peak memory of a full LG-VQ training step (generator + discriminator, GAN active).
+
+    python bench/train_step.py              # GPU: paper shape; CPU: the tiny-cpu preset
+    python bench/train_step.py --compile --channels-last
+
+GPU: batch 8, 256x256, K=1024, D=256, text length 30, a randomly initialised CLIP ViT-B/32-shaped text tower
+(same FLOPs as the real one, no weights needed) and a randomly initialised VGG16 perceptual net.
+"ours" is ``lgvq_fast.train.train_step``: bf16 autocast, one generator forward per step, D trained on the
+detached reconstruction. "reference" follows the official structure in the same process: fp32, and the
+discriminator pass re-encodes the text and recomputes the whole generator forward and its reconstruction
+losses before the D loss (spec §5.4, B8). Both use this package's model and fused ops, so the ratio isolates
+the step structure and precision, not the kernels (the official per-word RAS loop is not reproduced).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench._common import device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms, write_results  # noqa: E402
+
+
+class _VocabOnlyTokenizer:
+    """Lets TextEncoder wrap a random tower without tokenizer files; the bench feeds token ids directly."""
+
+    def __init__(self, vocab_size, pad_id=0, eos_id=None):
+        self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, pad_id, eos_id
+        self.mask_token_id, self.sep_token_id = None, eos_id
+
+    def __len__(self):
+        return self.vocab_size
+
+
+def random_clip_text_encoder(max_len):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lgvq_fast.models import TextEncoder
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77, projection_dim=512)
+    model = CLIPTextModelWithProjection(cfg)
+    return TextEncoder(model, _VocabOnlyTokenizer(49408, 0, 49407), kind="clip", max_len=max_len)
+
+
+def random_text_batch(batch, length, vocab, eos, generator):
+    from lgvq_fast.models import TextBatch
+
+    lengths = torch.randint(8, length + 1, (batch,), generator=generator)
+    pos = torch.arange(length)[None]
+    pad_mask = pos < lengths[:, None]
+    ids = torch.randint(1, min(vocab, 40000), (batch, length), generator=generator).masked_fill(~pad_mask, 0)
+    ids[torch.arange(batch), lengths - 1] = eos
+    body = pad_mask & (pos > 0) & (pos < (lengths - 1)[:, None])
+    mlm = body & (torch.rand(batch, length, generator=generator) < 0.25)
+    mlm[:, 1] = True
+    return TextBatch(input_ids=ids, pad_mask=pad_mask, mlm_mask=mlm, mask_ratio=0.25)
+
+
+def setup(device, args):
+    from lgvq_fast.models import PerceptualLoss, TextEncoder, build_model, preset
+    from lgvq_fast.train_utils import DiscSwap
+
+    gen = torch.Generator().manual_seed(0)
+    if device.type == "cuda":
+        cfg = preset("cub", disc_start=0, max_text_len=30)
+        text_encoder = random_clip_text_encoder(cfg.max_text_len)
+        batch, eos = 8, 49407
+    else:
+        cfg = preset("tiny-cpu", disc_start=0, max_text_len=16)
+        text_encoder = TextEncoder.build("minilm", max_len=cfg.max_text_len)
+        batch, eos = 8, text_encoder.eos_token_id
+    torch.manual_seed(0)
+    model, loss_mod = build_model(cfg, text_encoder)
+    if device.type == "cuda" or args.perceptual:
+        # random VGG16 weights: the perceptual term's FLOPs without needing the LPIPS checkpoint
+        loss_mod.perceptual, loss_mod.perceptual_weight = PerceptualLoss(), 1.0
+    text_encoder.to(device)
+    model.to(device)
+    loss_mod.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        loss_mod.to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, generator=gen).mul_(2).sub_(1).to(device)
+    text = random_text_batch(batch, cfg.max_text_len, text_encoder.vocab_size, eos, gen)
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9))
+    swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
+    return dict(cfg=cfg, text_encoder=text_encoder, model=model, loss_mod=loss_mod, x=x, text=text,
+                opt_g=opt_g, opt_d=opt_d, swap=swap, batch=batch)
+
+
+def ours_step(s, device, compiled):
+    from lgvq_fast.train import train_step
+
+    use_bf16 = device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def fn():
+        train_step(compiled, s["model"], s["loss_mod"], s["swap"], s["opt_g"], s["opt_d"], s["text_encoder"],
+                   s["x"], s["text"], 10**9, autocast, s["cfg"])
+
+    return fn
+
+
+def reference_step(s, device):
+    """Official structure: pass 0 = G forward + G update; pass 1 = everything again, then the D update."""
+    model, loss_mod, te, cfg = s["model"], s["loss_mod"], s["text_encoder"], s["cfg"]
+    step = 10**9
+
+    def fn():
+        text = s["text"].to(device)
+        feats = te.encode(text, mask_input=cfg.mask_input)
+        out = model(s["x"], text, feats)
+        g_loss, _ = loss_mod.generator_loss(s["x"], out, step, last_layer=model.last_layer)
+        s["opt_g"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        s["opt_g"].step()
+        feats = te.encode(text, mask_input=cfg.mask_input)
+        out = model(s["x"], text, feats)
+        rec = (s["x"] - out["x_rec"]).abs().mean()
+        if loss_mod.perceptual is not None:
+            rec = rec + loss_mod.perceptual(s["x"], out["x_rec"]).mean()
+        d_loss, _ = loss_mod.discriminator_loss(s["x"], out["x_rec"].detach(), step)
+        s["opt_d"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        s["opt_d"].step()
+
+    return fn
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    s = setup(device, args)
+    compiled = torch.compile(s["model"]) if args.compile else s["model"]
+    variants = [("ours (1 fwd, bf16)" if device.type == "cuda" else "ours (1 fwd)", ours_step(s, device, compiled))]
+    if not args.skip_reference:
+        variants.append(("reference (2 fwd, fp32)", reference_step(s, device)))
+    rows = []
+    for name, fn in variants:
+        ms, q20, q80 = time_ms(fn, device)
+        mem = extra_memory_bytes(fn, device)
+        rows.append({"variant": name, "ms": round(ms, 2), "q20_ms": round(q20, 2), "q80_ms": round(q80, 2),
+                     "images_per_s": round(s["batch"] * 1e3 / ms, 2), "peak_extra_mem": fmt_bytes(mem),
+                     "peak_extra_bytes": mem})
+    if len(rows) == 2:
+        rows[0]["speedup_vs_reference"] = round(rows[1]["ms"] / rows[0]["ms"], 2)
+    cfg = s["cfg"]
+    shape = {"batch": s["batch"], "resolution": cfg.resolution, "codebook_size": cfg.codebook_size,
+             "embed_dim": cfg.embed_dim, "text_len": cfg.max_text_len, "gan_active": True,
+             "perceptual": s["loss_mod"].perceptual is not None, "compile": args.compile,
+             "channels_last": args.channels_last}
+    print(f"train step on {device_name(device)}: {shape}")
+    print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),
+                       ("peak_extra_mem", "peak extra mem"), ("speedup_vs_reference", "speed-up")])
+    path = write_results("train_step", device, rows, extra={"shape": shape})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

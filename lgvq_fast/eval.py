@@ -1,0 +1,248 @@
+"""Evaluate an LG-VQ tokenizer: ``python -m lgvq_fast.eval --ckpt runs/tiny-cpu/checkpoints/step_0000600.pt``.
+
+Metrics (``evaluate``): PSNR and SSIM of reconstructions, codebook usage (fraction of codes used) and
+perplexity, masked-word accuracy with k masked words per caption (the MTP head predicts them from the image
+codes and the rest of the caption), caption<->image retrieval R@1 between the global vision token and the text
+encoder's global feature over the whole evaluated set, and FID when a local Inception checkpoint is given.
+"""
+import argparse
+import json
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8(x):
+    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3]."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_recon_grid(x, x_rec, path, scale=None):
+    """PNG with the inputs on the top row and their reconstructions below."""
+    a, b = to_uint8(x), to_uint8(x_rec)
+    n, h, w, _ = a.shape
+    grid = np.concatenate([np.concatenate(list(a), axis=1), np.concatenate(list(b), axis=1)], axis=0)
+    img = Image.fromarray(grid)
+    scale = scale or max(1, 128 // h)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_usage_histogram(counts, path, width=512, height=160):
+    """Bar chart (PNG) of how often each code was picked, codes sorted by frequency."""
+    counts = torch.as_tensor(counts).float().sort(descending=True).values
+    k = counts.numel()
+    img = Image.new("RGB", (width, height + 20), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    top = float(counts.max()) or 1.0
+    for i, c in enumerate(counts.tolist()):
+        x0 = int(i * width / k)
+        x1 = max(x0, int((i + 1) * width / k) - 1)
+        y = height - int(c / top * (height - 4))
+        draw.rectangle([x0, y, x1, height], fill=(60, 90, 200))
+    used = int((counts > 0).sum())
+    draw.text((4, height + 4), f"codes used: {used}/{k} (sorted by frequency)", fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def mask_k_words(text, k, generator):
+    """A copy of ``text`` whose mlm_mask marks exactly min(k, body length) random body tokens per caption."""
+    ids = text.input_ids
+    # the first real token and the last one are the start / end specials (BERT [CLS]/[SEP], CLIP SOT/EOT)
+    special = torch.zeros_like(text.pad_mask)
+    special[:, 0] = True
+    last = text.pad_mask.long().sum(1) - 1
+    special[torch.arange(ids.shape[0]), last.clamp_min(0)] = True
+    body = text.pad_mask & ~special
+    score = torch.rand(ids.shape, generator=generator).masked_fill(~body, 2.0)
+    order = score.argsort(dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(ids.shape[1]).expand_as(order).contiguous())
+    mlm = (rank < k) & body
+    return type(text)(input_ids=ids, pad_mask=text.pad_mask, mlm_mask=mlm, mask_ratio=float("nan"))
+
+
+class FID:
+    """FID from a local Inception checkpoint only (no download).
+
+    ``path`` is a TorchScript Inception feature extractor (e.g. the pt_inception-2015-12-05 export used by
+    clean-fid / StyleGAN): images uint8 [B, 3, H, W] in, features [B, F] out. Anything else raises.
+    """
+
+    def __init__(self, path, device):
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"Inception checkpoint not found: {path!r}")
+        try:
+            net = torch.jit.load(path, map_location=device).eval()
+        except Exception as exc:
+            raise ValueError(
+                f"cannot load {path} as a TorchScript Inception feature extractor ({exc}). torchmetrics' own "
+                "FID needs the torch-fidelity package and downloads its weights unless "
+                "feature_extractor_weights_path is given; this project never downloads, so pass a local "
+                "TorchScript export instead") from exc
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.metric = FrechetInceptionDistance(feature=_UInt8Features(net), normalize=False).to(device)
+
+    def update(self, x, real):
+        self.metric.update(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), real=real)
+
+    def compute(self):
+        return float(self.metric.compute())
+
+
+class _UInt8Features(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).flatten(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 3), inception_path=None,
+             device=None, seed=0):
+    """Metrics over ``loader`` (collate batches of ``make_collate``) → dict of floats (None when unavailable)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim_fn
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    k_codes = model.cfg.codebook_size
+    counts = torch.zeros(k_codes, dtype=torch.long, device=device)
+    psnr_sum, ssim_sum, n_img = 0.0, 0.0, 0
+    vt, tg, caps = [], [], []
+    hits = {k: [0.0, 0] for k in mask_words}
+    gen = torch.Generator().manual_seed(seed)
+    fid = FID(inception_path, device) if inception_path else None
+    has_heads = getattr(model, "sam", None) is not None
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = batch["image"].to(device)
+        out = model(x)
+        x_rec = out["x_rec"].float().clamp(-1, 1)
+        mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)
+        psnr_sum += float((-10 * torch.log10(mse.clamp_min(1e-10))).sum())
+        ssim_sum += float(ssim_fn((x_rec + 1) / 2, (x + 1) / 2, data_range=1.0, reduction="sum"))
+        n_img += x.shape[0]
+        counts += torch.bincount(out["indices"].flatten(), minlength=k_codes)
+        if fid is not None:
+            fid.update(x, real=True)
+            fid.update(x_rec, real=False)
+        if text_encoder is None or not has_heads:
+            continue
+        text = batch.get("text")
+        if text is None:
+            text = text_encoder.tokenize(batch["captions"], model.cfg.max_text_len, generator=gen)
+        feats = text_encoder.encode(text.to(device), mask_input=model.cfg.mask_input)
+        vt.append(out["vt_global"].float().cpu())
+        tg.append(feats[1].float().cpu())
+        caps.extend(batch["captions"])
+        for k in mask_words:
+            tk = mask_k_words(text.to("cpu"), k, gen).to(device)
+            n_masked = int(tk.mlm_mask.sum())
+            if n_masked == 0:
+                continue
+            o = model(x, tk, text_encoder.encode(tk, mask_input=model.cfg.mask_input))
+            hits[k][0] += float(o["mtp_acc"]) * n_masked
+            hits[k][1] += n_masked
+    model.train(was_training)
+    p = counts.float() / counts.sum().clamp_min(1)
+    result = {
+        "images": n_img,
+        "psnr": psnr_sum / max(n_img, 1),
+        "ssim": ssim_sum / max(n_img, 1),
+        "codebook_usage": float((counts > 0).float().mean()),
+        "perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())),
+        "fid": fid.compute() if fid is not None else None,
+    }
+    for k in mask_words:
+        result[f"masked_word_acc@{k}"] = hits[k][0] / hits[k][1] if hits[k][1] else None
+    result.update(retrieval_r1(vt, tg, caps))
+    return result
+
+
+def retrieval_r1(vt, tg, captions):
+    """Image→caption and caption→image R@1 by cosine similarity; a hit is any item with the same caption."""
+    if not vt:
+        return {"r1_image_to_text": None, "r1_text_to_image": None, "r1_chance": None}
+    v = torch.nn.functional.normalize(torch.cat(vt), dim=1, eps=1e-8)
+    t = torch.nn.functional.normalize(torch.cat(tg), dim=1, eps=1e-8)
+    sim = v @ t.T
+    ids = {c: j for j, c in enumerate(dict.fromkeys(captions))}
+    cid = torch.tensor([ids[c] for c in captions])
+    same = cid[:, None] == cid[None, :]
+    i2t = same[torch.arange(len(cid)), sim.argmax(1)].float().mean()
+    t2i = same[sim.argmax(0), torch.arange(len(cid))].float().mean()
+    chance = same.float().mean()
+    return {"r1_image_to_text": float(i2t), "r1_text_to_image": float(t2i), "r1_chance": float(chance)}
+
+
+def load_checkpoint_model(path, device, text_encoder_name=None):
+    """(model, text_encoder, config dict) from a training checkpoint."""
+    from lgvq_fast.models import LGVQConfig, TextEncoder, build_model
+
+    from lgvq_fast.train_utils import CheckpointIO
+
+    state = CheckpointIO.load(path, "cpu")
+    cfg = state["config"]
+    mcfg = LGVQConfig.from_dict(cfg["model"])
+    if text_encoder_name:
+        mcfg.text_encoder = text_encoder_name
+    text_encoder = TextEncoder.build(mcfg.text_encoder, max_len=mcfg.max_text_len)
+    model, _ = build_model(mcfg, text_encoder)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), text_encoder.to(device), cfg
+
+
+def main(argv=None):
+    from lgvq_fast.data import build_dataset, make_collate
+
+    p = argparse.ArgumentParser(description="Evaluate an LG-VQ checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--data-root")
+    p.add_argument("--image-dir")
+    p.add_argument("--annotations")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int)
+    p.add_argument("--inception", help="local TorchScript Inception feature extractor for FID")
+    p.add_argument("--text-encoder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the metrics JSON here")
+    args = p.parse_args(argv)
+    model, text_encoder, cfg = load_checkpoint_model(args.ckpt, args.device, args.text_encoder)
+    d = cfg["data"]
+    ds = build_dataset(d["name"], args.split, cfg["model"]["resolution"], seed=cfg["train"]["seed"],
+                       root=args.data_root or d["root"], size=d["val_size"],
+                       image_dir=args.image_dir or d["val_image_dir"] or d["image_dir"],
+                       annotation_json=args.annotations or d["val_annotations"] or d["annotations"])
+    collate = make_collate(text_encoder, cfg["model"]["max_text_len"], seed=cfg["train"]["seed"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, collate_fn=collate)
+    result = evaluate(model, loader, text_encoder, max_batches=args.max_batches, inception_path=args.inception,
+                      device=args.device)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

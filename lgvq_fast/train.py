@@ -1,0 +1,368 @@
+"""Train an LG-VQ tokenizer: ``torchrun --nproc_per_node=N lgvq_fast/train.py [--config PRESET] [--set k=v ...]``.
+
+With no arguments this trains the ``tiny-cpu`` preset (captioned shapes, packaged MiniLM) in a few minutes on a
+laptop CPU. One generator forward per step; the discriminator is trained on ``x_rec.detach()`` of that same
+forward, and not at all before ``disc_start`` (its loss is multiplied by 0 there, so the official code's D
+work before that step only costs time). Checkpoints are atomic (temp file + rename), written every
+``--ckpt-every`` steps, at the end and on SIGTERM/SIGINT; ``--resume`` continues at the same step with the same
+data order and RNG state.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (torchrun): make the repository root importable instead of lgvq_fast/ itself.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+import torch.distributed as dist
+
+from lgvq_fast.train_config import build_config, config_to_dict
+from lgvq_fast.train_utils import (
+    CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, print0, restore_rng,
+)
+
+
+def init_distributed(device_arg):
+    """(rank, world_size, local_rank, device) from torchrun's environment; single process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local_rank, device
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and exits cleanly."""
+
+    def __init__(self):
+        self.stop = False
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.stop, self.signum = True, signum
+
+
+def make_loaders(cfg, text_encoder, rank, world):
+    from lgvq_fast.data import EpochBatchSampler, KeyedDataset, build_dataset, make_collate
+
+    d, t, m = cfg.data, cfg.train, cfg.model
+    common = dict(resolution=m.resolution, seed=t.seed, root=d.root, max_words=d.max_words,
+                  skip_bad_samples=d.skip_bad_samples)
+    train_ds = build_dataset(d.name, "train", size=d.train_size, image_dir=d.image_dir,
+                             annotation_json=d.annotations, **common)
+    val_ds = build_dataset(d.name, "val" if d.name != "cub" else "test", size=d.val_size,
+                           image_dir=d.val_image_dir or d.image_dir,
+                           annotation_json=d.val_annotations or d.annotations, **common)
+    sampler = EpochBatchSampler(len(train_ds), t.batch_size, seed=t.seed, rank=rank, world_size=world)
+    collate = make_collate(text_encoder if m.use_text_losses else None, m.max_text_len, seed=t.seed,
+                           mask_ratio_range=tuple(m.mask_ratio_range))
+    loader = torch.utils.data.DataLoader(KeyedDataset(train_ds, seed=t.seed), batch_sampler=sampler,
+                                         collate_fn=collate, num_workers=d.num_workers,
+                                         pin_memory=torch.cuda.is_available(),
+                                         # its own generator: creating an iterator must not draw from the global
+                                         # RNG, or a resumed run's dropout stream would drift from an
+                                         # uninterrupted run's
+                                         generator=torch.Generator())
+    return train_ds, val_ds, sampler, loader
+
+
+def fixed_val_batch(val_ds, n):
+    n = min(n, len(val_ds))
+    return torch.stack([val_ds[i]["image"] for i in range(n)])
+
+
+@torch.no_grad()
+def reconstruct(model, x, autocast):
+    was_training = model.training
+    model.eval()
+    with autocast():
+        x_rec = model(x)["x_rec"].float().clamp(-1, 1)
+    model.train(was_training)
+    return x_rec
+
+
+def build_everything(cfg, device, world):
+    from lgvq_fast.models import TextEncoder, build_model
+
+    m, t = cfg.model, cfg.train
+    text_encoder = TextEncoder.build(m.text_encoder, max_len=m.max_text_len)
+    # Same initial weights on every rank (DDP also broadcasts them, this keeps single-process runs reproducible).
+    torch.manual_seed(t.seed)
+    model, loss_mod = build_model(m, text_encoder)
+    text_encoder.to(device)
+    model.to(device)
+    loss_mod.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+        loss_mod.to(memory_format=torch.channels_last)
+    lr = t.lr if t.lr is not None else t.base_lr * t.batch_size * world
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(t.betas))
+    opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=lr, betas=tuple(t.betas))
+    return text_encoder, model, loss_mod, opt_g, opt_d, lr
+
+
+def train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x, text, step, autocast, mcfg):
+    """One training step: one generator forward, G update, then D on that forward's detached x_rec.
+
+    ``model`` may be the DDP/compiled wrapper of ``raw_model``. The D update runs only from
+    ``disc_start`` on (before, its loss is multiplied by 0). Returns the generator output and the logs.
+    """
+    from lgvq_fast.models._nvtx import nvtx_range
+
+    device = x.device
+    feats = None
+    if mcfg.use_text_losses:
+        text = text.to(device, non_blocking=True)
+        with nvtx_range("text_encoder", device):
+            feats = text_encoder.encode(text, mask_input=mcfg.mask_input)
+    else:
+        text = None
+    with disc_swap.generator(), autocast():
+        out = model(x, text, feats)
+        g_loss, logs = loss_mod.generator_loss(x, out, step, last_layer=raw_model.last_layer)
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    if loss_mod.disc_active(step):
+        with nvtx_range("discriminator", device), disc_swap.discriminator(), autocast():
+            d_loss, d_logs = loss_mod.discriminator_loss(x, out["x_rec"].detach(), step)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        logs.update(d_logs)
+    return out, logs
+
+
+def train(cfg):
+    from lgvq_fast.eval import save_recon_grid, save_usage_histogram
+
+    t0 = time.perf_counter()
+    t, m = cfg.train, cfg.model
+    rank, world, _, device = init_distributed(t.device)
+    is_main = rank == 0
+    out_dir = t.out or os.path.join("runs", cfg.preset)
+    stop = StopFlag()
+    text_encoder, model, loss_mod, opt_g, opt_d, lr = build_everything(cfg, device, world)
+    raw_model, raw_disc = model, loss_mod.discriminator
+    train_ds, val_ds, sampler, loader = make_loaders(cfg, text_encoder, rank, world)
+    use_amp = device.type == "cuda" and t.amp == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+
+    ckpt = CheckpointIO(out_dir, keep_last=t.keep_last)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if t.resume:
+        path = ckpt.latest() if t.resume == "auto" else t.resume
+        if path is None:
+            print0(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
+        else:
+            state = ckpt.load(path, device)
+            raw_model.load_state_dict(state["model"])
+            raw_disc.load_state_dict(state["discriminator"])
+            opt_g.load_state_dict(state["opt_g"])
+            opt_d.load_state_dict(state["opt_d"])
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    if t.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        # Every parameter gets a gradient in the normal setups (without text losses the heads are not built);
+        # train.find_unused_parameters=true is for experiments that leave a part idle.
+        model = DDP(model, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
+        ddp_disc = DDP(raw_disc, device_ids=ids)
+    else:
+        ddp_disc = raw_disc
+    disc_swap = DiscSwap(loss_mod, raw_disc, ddp_disc)
+    if t.resume and step > 0:
+        restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
+    else:
+        torch.manual_seed(t.seed + rank)
+
+    val_x = fixed_val_batch(val_ds, t.val_batch).to(device)
+    psnr_start = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
+    print0(f"config {cfg.preset}: {world} process(es) on {device}, {m.resolution}px, K={m.codebook_size}, "
+           f"batch {t.batch_size}x{world}, lr {lr:.3g}, steps {t.steps}, text losses "
+           f"{'on' if m.use_text_losses else 'off'}, start-up {time.perf_counter() - t0:.1f}s")
+    print0(f"val PSNR at step {step}: {psnr_start:.2f} dB")
+    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=is_main)
+    if is_main:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config_to_dict(cfg), f, indent=2)
+    usage = torch.zeros(m.codebook_size, dtype=torch.long, device=device)
+    window = {"usage": torch.zeros_like(usage), "n": 0, "sums": {}, "t": time.perf_counter()}
+    skipped = 0
+    progress = None
+    if is_main and t.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.steps, initial=step, dynamic_ncols=True, mininterval=1.0)
+
+    def save(reason):
+        state = {
+            "model": raw_model.state_dict(), "discriminator": raw_disc.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "config": config_to_dict(cfg), "world_size": world,
+        }
+        state["rng"] = gather_rng(device, world)
+        if is_main:
+            path = ckpt.save(state, step)
+            print0(f"checkpoint ({reason}): {path}")
+        if world > 1:
+            dist.barrier()
+
+    model.train()
+    loss_mod.train()
+    while step < t.steps and not stop.stop:
+        sampler.set_position(epoch, batch_in_epoch)
+        for batch in loader:
+            x = batch["image"].to(device, non_blocking=True)
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            skipped += batch["skipped"]
+            out, logs = train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x,
+                                   batch["text"], step, autocast, m)
+            step += 1
+            batch_in_epoch += 1
+            with torch.no_grad():
+                idx = out["indices"].flatten()
+                counts = torch.bincount(idx, minlength=m.codebook_size)
+                usage += counts
+                window["usage"] += counts
+                logs["psnr"] = batch_psnr(out["x_rec"].detach().float().clamp(-1, 1), x, reduce=False)
+                if out.get("mtp_acc") is not None:
+                    logs["mtp_acc"] = out["mtp_acc"].detach().float()
+                for k, v in logs.items():
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v.detach().float()
+                window["n"] += 1
+            if progress is not None:
+                progress.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                row = {"step": step, "epoch": epoch, "lr": lr,
+                       "images_per_s": window["n"] * t.batch_size * world / max(now - window["t"], 1e-9)}
+                row.update({k: round(float(v) / window["n"], 6) for k, v in window["sums"].items()})
+                row["codebook_usage"] = float((window["usage"] > 0).float().mean())
+                row["perplexity"] = perplexity(window["usage"])
+                metrics.write(row)
+                if progress is not None:
+                    progress.set_postfix(l1=f"{row.get('l1', 0):.3f}", psnr=f"{row['psnr']:.1f}",
+                                         use=f"{row['codebook_usage']:.2f}")
+                window.update(usage=torch.zeros_like(usage), n=0, sums={}, t=time.perf_counter())
+            if is_main and t.sample_every and step % t.sample_every == 0:
+                save_recon_grid(val_x[:8], reconstruct(raw_model, val_x[:8], autocast),
+                                os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
+            if t.eval_every and step % t.eval_every == 0:
+                psnr = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
+                metrics.write({"step": step, "val_psnr": psnr})
+            if world > 1:
+                flag = torch.tensor([float(stop.stop)], device=device)
+                dist.all_reduce(flag)
+                stop.stop = bool(flag.item() > 0)
+            if t.ckpt_every and step % t.ckpt_every == 0 and step < t.steps and not stop.stop:
+                save("periodic")
+            if step >= t.steps or stop.stop:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    if progress is not None:
+        progress.close()
+    save("signal" if stop.stop else "final")
+    psnr_end = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
+    if is_main:
+        save_recon_grid(val_x[:8], reconstruct(raw_model, val_x[:8], autocast),
+                        os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
+        save_usage_histogram(usage.cpu(), os.path.join(out_dir, "codebook_usage.png"))
+    if skipped or getattr(train_ds, "skipped", 0):
+        print0(f"skipped bad samples: {getattr(train_ds, 'skipped', 0)} at build time, {skipped} while reading")
+    summary = {"step": step, "val_psnr_start": psnr_start, "val_psnr_end": psnr_end,
+               "codebook_usage_total": float((usage > 0).float().mean()), "wall_s": time.perf_counter() - t0,
+               "stopped_by_signal": stop.stop, "rank": rank, "model_sha256": state_sha256(raw_model.state_dict())}
+    metrics.write({"summary": summary})
+    print0(f"val PSNR: {psnr_start:.2f} dB at start -> {psnr_end:.2f} dB at step {step}; "
+           f"codebook usage {summary['codebook_usage_total']:.2f}; total {summary['wall_s']:.1f}s")
+    metrics.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def state_sha256(state_dict):
+    """Digest of every tensor of a state dict: equal digests mean bit-identical weights and buffers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def perplexity(counts):
+    p = counts.float() / counts.sum().clamp_min(1)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+def gather_rng(device, world):
+    """RNG state of every rank (rank order), so a resumed multi-process run continues each rank's stream."""
+    mine = capture_rng(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="tiny-cpu", help="preset: tiny-cpu (default), celebahq, cub, coco, ...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.codebook_size=512 --set train.log_every=5")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--out")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--resume", help="checkpoint path, or 'auto' for the latest in the output folder")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-text-losses", action="store_true", help="baseline: train without the LG-VQ text losses")
+    p.add_argument("--skip-bad-samples", action="store_true")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (before the DDP wrap)")
+    p.add_argument("--data-root", help="dataset folder (CUB, CelebA-HQ)")
+    p.add_argument("--image-dir", help="COCO image folder")
+    p.add_argument("--annotations", help="COCO captions annotation JSON")
+    p.add_argument("--text-encoder", help="minilm (default), tiny-random, or a local model folder (e.g. CLIP)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = build_config(args)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Helpers of the training loop: rank-0 printing, atomic checkpoints, RNG capture, metrics, PSNR."""
+import contextlib
+import glob
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def batch_psnr(x_rec, x, reduce=True):
+    """PSNR in dB of images in [-1, 1] (mapped to [0, 1]), averaged over the batch."""
+    mse = ((x_rec.float() - x.float()) / 2).pow(2).flatten(1).mean(1)
+    psnr = (-10.0 * torch.log10(mse.clamp_min(1e-10))).mean()
+    return float(psnr) if reduce else psnr.detach()
+
+
+def capture_rng(device):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class CheckpointIO:
+    """``out/checkpoints/step_XXXXXXX.pt``, written to a temp file in the same folder and renamed.
+
+    ``os.replace`` is atomic on POSIX, so a crash while saving leaves the previous checkpoints intact and
+    never a partial file under a checkpoint name.
+    """
+
+    pattern = re.compile(r"step_(\d+)\.pt$")
+
+    def __init__(self, out_dir, keep_last=3):
+        self.dir = os.path.join(out_dir, "checkpoints")
+        self.keep_last = keep_last
+
+    def path(self, step):
+        return os.path.join(self.dir, f"step_{step:07d}.pt")
+
+    def all(self):
+        found = []
+        for p in glob.glob(os.path.join(self.dir, "step_*.pt")):
+            m = self.pattern.search(p)
+            if m:
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def latest(self):
+        paths = self.all()
+        return paths[-1] if paths else None
+
+    def save(self, state, step):
+        os.makedirs(self.dir, exist_ok=True)
+        path = self.path(step)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if self.keep_last:
+            for old in self.all()[:-self.keep_last]:
+                os.remove(old)
+        return path
+
+    @staticmethod
+    def load(path, device="cpu"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        # weights_only=False: the checkpoint holds RNG states and the config (plain Python objects we wrote)
+        return torch.load(path, map_location=device, weights_only=False)
+
+
+class DiscSwap:
+    """Which discriminator the loss module calls: the plain one for the generator pass, the DDP one for D.
+
+    In the generator pass D only carries gradient to x_rec, so its parameters stop requiring grad there (no
+    wasted weight gradients, no DDP reduction); the discriminator pass goes through the DDP wrapper so its
+    gradients are averaged over ranks.
+    """
+
+    def __init__(self, loss_mod, raw_disc, ddp_disc):
+        self.loss_mod, self.raw, self.ddp = loss_mod, raw_disc, ddp_disc
+
+    @contextlib.contextmanager
+    def generator(self):
+        self.raw.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.raw.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def discriminator(self):
+        if self.ddp is self.raw:
+            yield
+            return
+        self.loss_mod._modules["discriminator"] = self.ddp
+        try:
+            yield
+        finally:
+            self.loss_mod._modules["discriminator"] = self.raw
+
+
+class MetricsLog:
+    """JSON lines, one object per write, flushed at once (rank 0 only)."""
+
+    def __init__(self, path, enabled=True):
+        self.f = None
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, row):
+        if self.f is not None:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None

@@ -1,0 +1,206 @@
+"""lgvq_fast/train.py end to end on CPU: outputs, kill-and-resume equality, atomic checkpoints, 2-rank DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lgvq_fast import train as train_mod
+from lgvq_fast.train_utils import CheckpointIO
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A very small model and the tiny random text encoder, so that one step costs milliseconds.
+TINY = [
+    "--text-encoder", "tiny-random", "--batch-size", "4", "--no-progress",
+    "--set", "model.resolution=16", "--set", "model.ch=32", "--set", "model.ch_mult=1,1",
+    "--set", "model.z_channels=8", "--set", "model.embed_dim=8", "--set", "model.codebook_size=24",
+    "--set", "model.mtp_ffn_hidden=16", "--set", "model.max_text_len=12", "--set", "model.disc_ndf=8",
+    "--set", "model.disc_layers=2", "--set", "model.disc_start=2", "--set", "data.train_size=40",
+    "--set", "data.val_size=8", "--set", "train.val_batch=8", "--set", "train.log_every=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops(monkeypatch):
+    # This file tests the training loop, not the kernels: run the ops' PyTorch path, as a CPU user gets it,
+    # instead of the Triton interpreter (several times slower).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _run(out, *extra):
+    return train_mod.main(TINY + ["--out", str(out), *extra])
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_writes_checkpoint_grid_metrics(tmp_path):
+    summary = _run(tmp_path, "--steps", "4", "--ckpt-every", "2", "--sample-every", "2")
+    assert summary["step"] == 4
+    ckpts = CheckpointIO(str(tmp_path)).all()
+    assert [os.path.basename(p) for p in ckpts] == ["step_0000002.pt", "step_0000004.pt"]
+    state = CheckpointIO.load(ckpts[-1])
+    assert state["step"] == 4 and state["config"]["model"]["codebook_size"] == 24
+    assert {"model", "discriminator", "opt_g", "opt_d", "rng", "epoch", "batch_in_epoch"} <= set(state)
+    assert os.path.isfile(tmp_path / "samples" / "step_000002.png")
+    assert os.path.isfile(tmp_path / "samples" / "step_000004.png")
+    assert os.path.isfile(tmp_path / "codebook_usage.png")
+    rows = [r for r in _rows(tmp_path) if "step" in r and "l1" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(k in rows[-1] for k in ("psnr", "codebook_usage", "lr", "images_per_s", "gsa", "mtp", "ras"))
+    # disc_start = 2: the discriminator trains from the third step on, never before
+    assert "d_loss" not in rows[1] and "d_loss" in rows[2]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run(full, "--steps", "6", "--ckpt-every", "3", "--seed", "3")
+    _run(part, "--steps", "3", "--seed", "3")
+    summary = _run(part, "--steps", "6", "--seed", "3", "--resume", "auto")
+    assert summary["step"] == 6
+    a = CheckpointIO.load(CheckpointIO(str(full)).latest())
+    b = CheckpointIO.load(CheckpointIO(str(part)).latest())
+    assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"])
+    for part_name in ("model", "discriminator"):
+        for k, v in a[part_name].items():
+            assert torch.equal(v, b[part_name][k]), f"{part_name}.{k} differs after resume"
+    losses = lambda out: {r["step"]: r["total"] for r in _rows(out) if "total" in r}  # noqa: E731
+    la, lb = losses(full), losses(part)
+    assert all(la[s] == lb[s] for s in range(1, 7)), (la, lb)
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
+    cmd = [sys.executable, os.path.join(REPO, "lgvq_fast", "train.py"), *TINY, "--out", str(out),
+           "--steps", "100000", "--ckpt-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        metrics = out / "metrics.jsonl"
+        while time.time() < deadline:
+            if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log
+    assert "checkpoint (signal)" in log
+    state = CheckpointIO.load(CheckpointIO(str(out)).latest())
+    stopped = state["step"]
+    assert 3 <= stopped < 100000
+    summary = _run(out, "--steps", str(stopped + 2), "--resume", "auto")
+    assert summary["step"] == stopped + 2
+    steps_after = [r["step"] for r in _rows(out) if "l1" in r and r["step"] > stopped]
+    assert steps_after == [stopped + 1, stopped + 2]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    io = CheckpointIO(str(tmp_path))
+    good = io.save({"step": 1, "w": torch.randn(5)}, 1)
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save({"step": 2, "w": torch.randn(5)}, 2)
+    monkeypatch.undo()
+    assert io.all() == [good]
+    assert os.listdir(io.dir) == [os.path.basename(good)]
+    assert CheckpointIO.load(good)["step"] == 1
+
+
+def _ddp_worker(rank, world, port, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    summary = train_mod.main(TINY + ["--out", out, "--steps", "3", "--device", "cpu",
+                                     "--set", "model.ema_update=true", "--set", "train.find_unused_parameters=true"])
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_ddp_two_ranks_identical_codebooks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    r0 = json.load(open(tmp_path / "rank0.json"))
+    r1 = json.load(open(tmp_path / "rank1.json"))
+    assert r0["step"] == r1["step"] == 3
+    assert r0["model_sha256"] == r1["model_sha256"]
+    state = CheckpointIO.load(CheckpointIO(str(tmp_path / "run")).latest())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_set_override_parsing():
+    from lgvq_fast.train_config import build_config
+
+    cfg = build_config(train_mod.parse_args(["--set", "model.ch_mult=(1,2,4)", "--set", "model.ema_update=1",
+                                             "--set", "train.lr=none", "--no-text-losses", "--steps", "7"]))
+    assert cfg.model.ch_mult == (1, 2, 4) and cfg.model.ema_update is True and cfg.train.lr is None
+    assert cfg.model.use_text_losses is False and cfg.train.steps == 7
+    with pytest.raises(ValueError, match="unknown field"):
+        build_config(train_mod.parse_args(["--set", "model.nope=1"]))
+    with pytest.raises(ValueError, match="unknown --config"):
+        build_config(train_mod.parse_args(["--config", "imagenet"]))
+
+
+def test_eval_cli_and_metrics(tmp_path):
+    from lgvq_fast import eval as eval_mod
+
+    _run(tmp_path, "--steps", "2")
+    ckpt = CheckpointIO(str(tmp_path)).latest()
+    result = eval_mod.main(["--ckpt", ckpt, "--batch-size", "4", "--max-batches", "2", "--device", "cpu",
+                            "--out", str(tmp_path / "eval.json")])
+    assert result["images"] == 8
+    assert result["psnr"] > 0 and -1 <= result["ssim"] <= 1
+    assert 0 < result["codebook_usage"] <= 1 and 1 <= result["perplexity"] <= 24
+    for k in ("masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text", "r1_text_to_image"):
+        assert 0 <= result[k] <= 1
+    assert result["fid"] is None
+    assert json.load(open(tmp_path / "eval.json"))["images"] == 8
+
+
+def test_mask_k_words_and_retrieval():
+    from lgvq_fast.eval import mask_k_words, retrieval_r1
+    from lgvq_fast.models import TextEncoder
+
+    enc = TextEncoder.tiny_random(max_len=12)
+    text = enc.tokenize(["a red circle left of a blue square", "a small green cross", "a white star"], 12)
+    masked = mask_k_words(text, 2, torch.Generator().manual_seed(0))
+    assert masked.mlm_mask.sum(1).tolist() == [2, 2, 2]
+    assert not masked.mlm_mask[:, 0].any() and not (masked.mlm_mask & ~masked.pad_mask).any()
+    feats = torch.randn(5, 7)
+    caps = ["a", "b", "c", "d", "a"]
+    r = retrieval_r1([feats], [feats * 2], caps)
+    assert r["r1_image_to_text"] == 1.0 and r["r1_text_to_image"] == 1.0 and 0 < r["r1_chance"] < 1
+
+
+def test_fid_needs_local_torchscript_inception(tmp_path):
+    from lgvq_fast.eval import FID
+
+    with pytest.raises(FileNotFoundError, match="Inception"):
+        FID(str(tmp_path / "missing.pt"), "cpu")
+    bogus = tmp_path / "inception.pt"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="TorchScript"):
+        FID(str(bogus), "cpu")
