@@ -43,7 +43,7 @@ def restore_rng(state, device):
 
 
 class CheckpointIO:
-    """``out/checkpoints/step_XXXXXXX.pt``, written to a temp file in the same folder and renamed.
+    """``out/checkpoints/step_<7-digit step>.pt``, written to a temp file in the same folder and renamed.
 
     ``os.replace`` is atomic on POSIX, so a crash while saving leaves the previous checkpoints intact and
     never a partial file under a checkpoint name.
