@@ -21,6 +21,7 @@ if __name__ == "__main__" and not __package__:
 import torch
 import torch.distributed as dist
 
+from lgvq_fast.data.collate import mix_seed
 from lgvq_fast.train_config import build_config, config_to_dict
 from lgvq_fast.train_utils import (
     CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, print0, restore_rng,
@@ -237,6 +238,10 @@ def train(cfg):
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             skipped += batch["skipped"]
+            # Every step's randomness (dropout, dead-code restarts) is a pure function of (seed, rank, step):
+            # what one step draws cannot shift the next, so a run with the text losses at weight 0 trains the
+            # tokenizer bit-identically to --no-text-losses, and resume needs no RNG state to be exact.
+            torch.manual_seed(mix_seed(t.seed, rank, step))
             out, logs = train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x,
                                    batch["text"], step, autocast, m)
             step += 1

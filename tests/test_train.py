@@ -204,3 +204,24 @@ def test_fid_needs_local_torchscript_inception(tmp_path):
     bogus.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="TorchScript"):
         FID(str(bogus), "cpu")
+
+
+def test_text_losses_at_weight_zero_match_no_text_losses(tmp_path):
+    """The ablation's control: with the text losses weighted 0 the tokenizer and the discriminator train
+    bit-identically to --no-text-losses (the heads' init, their dropout and every later random draw leave the
+    rest untouched); with a non-zero weight they do not."""
+    zero = ["--set", "model.w_gsa=0", "--set", "model.w_mtp=0", "--set", "model.w_ras=0"]
+    common = ["--steps", "5", "--ckpt-every", "0", "--sample-every", "0", "--seed", "3"]
+    _run(tmp_path / "off", *common, "--no-text-losses")
+    _run(tmp_path / "zero", *common, *zero)
+    _run(tmp_path / "on", *common, "--set", "model.w_mtp=1", "--set", "model.w_gsa=1", "--set", "model.w_ras=1")
+    states = {k: CheckpointIO.load(CheckpointIO(str(tmp_path / k)).latest()) for k in ("off", "zero", "on")}
+    off = states["off"]["model"]
+    assert off and not any(k.startswith(("sam.", "ram.")) for k in off)
+    for name in ("zero", "on"):
+        assert {k for k in states[name]["model"] if not k.startswith(("sam.", "ram."))} == set(off)
+    for k in off:
+        assert torch.equal(states["zero"]["model"][k], off[k]), k
+    for k, v in states["off"]["discriminator"].items():
+        assert torch.equal(states["zero"]["discriminator"][k], v), k
+    assert any(not torch.equal(states["on"]["model"][k], off[k]) for k in off if k.startswith("encoder."))

@@ -167,6 +167,12 @@ class LGVQ(nn.Module):
             if text_embedding is None or text_embedding.ndim != 2:
                 raise ValueError("use_text_losses needs text_embedding [V, C_text] (the text encoder's input "
                                  "embedding table)")
+            self._build_text_heads(cfg, text_embedding)
+
+    def _build_text_heads(self, cfg, text_embedding):
+        # Drawn from a forked CPU RNG: whatever is built after the model (the discriminator) gets the same
+        # initial weights with and without the text heads, so the two arms of an ablation differ only in them.
+        with torch.random.fork_rng(devices=[]):
             self.sam = SemanticAlignment(
                 embed_dim=cfg.embed_dim, text_embedding=text_embedding, grid=cfg.grid,
                 max_text_len=cfg.max_text_len, vt_layers=cfg.vt_layers, vt_heads=cfg.vt_heads,
