@@ -216,7 +216,29 @@ def train(cfg):
 
         progress = tqdm(total=t.steps, initial=step, dynamic_ncols=True, mininterval=1.0)
 
+    # Set on the device when a loss turns NaN or inf (no sync per step); read at log rows, at the per-step
+    # multi-rank sync and before every save, so a diverged model is never written over the good checkpoints.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    last_finite_check = [step]
+
+    def raise_if_nonfinite(synced=False):
+        if world > 1 and not synced:
+            flag = nonfinite.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item() > 0)
+        else:
+            bad = bool(nonfinite.item())
+        if bad:
+            if progress is not None:
+                progress.close()
+            raise FloatingPointError(
+                f"training diverged: a loss became NaN or inf between step {last_finite_check[0] + 1} and step "
+                f"{step}; no checkpoint was written after it (latest good one: {ckpt.latest() or 'none'}). "
+                "Lower the learning rate (--lr) or resume from that checkpoint with --resume auto.")
+        last_finite_check[0] = step
+
     def save(reason):
+        raise_if_nonfinite()
         state = {
             "model": raw_model.state_dict(), "discriminator": raw_disc.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "epoch": epoch,
@@ -247,6 +269,9 @@ def train(cfg):
             step += 1
             batch_in_epoch += 1
             with torch.no_grad():
+                for key in ("total", "d_loss"):
+                    if key in logs:
+                        nonfinite |= ~torch.isfinite(logs[key])
                 idx = out["indices"].flatten()
                 counts = torch.bincount(idx, minlength=m.codebook_size)
                 usage += counts
@@ -260,6 +285,8 @@ def train(cfg):
             if progress is not None:
                 progress.update(1)
             if step % t.log_every == 0 or step == t.steps:
+                if world == 1:
+                    raise_if_nonfinite()
                 now = time.perf_counter()
                 row = {"step": step, "epoch": epoch, "lr": lr,
                        "images_per_s": window["n"] * t.batch_size * world / max(now - window["t"], 1e-9)}
@@ -278,9 +305,12 @@ def train(cfg):
                 psnr = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
                 metrics.write({"step": step, "val_psnr": psnr})
             if world > 1:
-                flag = torch.tensor([float(stop.stop)], device=device)
+                flag = torch.stack([torch.tensor(float(stop.stop), device=device), nonfinite.float()])
                 dist.all_reduce(flag)
-                stop.stop = bool(flag.item() > 0)
+                stop.stop = bool(flag[0].item() > 0)
+                if flag[1].item() > 0:
+                    nonfinite.fill_(True)
+                    raise_if_nonfinite(synced=True)
             if t.ckpt_every and step % t.ckpt_every == 0 and step < t.steps and not stop.stop:
                 save("periodic")
             if step >= t.steps or stop.stop:

@@ -225,3 +225,24 @@ def test_text_losses_at_weight_zero_match_no_text_losses(tmp_path):
     for k, v in states["off"]["discriminator"].items():
         assert torch.equal(states["zero"]["discriminator"][k], v), k
     assert any(not torch.equal(states["on"]["model"][k], off[k]) for k in off if k.startswith("encoder."))
+
+
+def test_nonfinite_loss_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
+    from lgvq_fast.models.losses import VQGANLoss
+
+    real = VQGANLoss.generator_loss
+
+    def poisoned(self, x, out, global_step, last_layer=None):
+        loss, logs = real(self, x, out, global_step, last_layer)
+        if global_step >= 3:  # the fourth step
+            loss = loss * float("nan")
+            logs["total"] = loss.detach()
+        return loss, logs
+
+    monkeypatch.setattr(VQGANLoss, "generator_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"between step \d+ and step 4.*step_0000002\.pt"):
+        _run(tmp_path, "--steps", "8", "--ckpt-every", "2", "--set", "train.log_every=4")
+    ckpts = CheckpointIO(str(tmp_path)).all()
+    assert [os.path.basename(p) for p in ckpts] == ["step_0000002.pt"]
+    state = CheckpointIO.load(ckpts[0])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
