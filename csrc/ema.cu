@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kNormThreads)
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kNormThreads + threadIdx.x; idx < total; idx += stride) {
     const int64_t k = idx / d;
     const float smoothed = (cluster_size[k] + eps) / denom * n;
-    embed[idx] = from_float<ET>(embed_avg[idx] / smoothed);
+    // n = 0 (nothing assigned yet) makes every smoothed size 0: keep embed rather than write 0/0
+    if (smoothed > 0.f) embed[idx] = from_float<ET>(embed_avg[idx] / smoothed);
   }
 }
 

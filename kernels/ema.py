@@ -101,7 +101,10 @@ def _ema_embed_kernel(
         avg = avg * decay + total * (1.0 - decay)
         tl.store(embed_avg_ptr + pid_k * D + offs_d, avg, mask=mask_d)
         smoothed = (cs + eps) / (n + K * eps) * n
-        out = avg / smoothed
+        # n = 0 makes every smoothed size 0: leave embed as it is (the masked-off load costs nothing otherwise)
+        keep = (tl.zeros([BLOCK_D], dtype=tl.float32) + smoothed) <= 0.0
+        old = tl.load(embed_ptr + pid_k * D + offs_d, mask=mask_d & keep, other=0.0).to(tl.float32)
+        out = tl.where(keep, old, avg / smoothed)
         tl.store(embed_ptr + pid_k * D + offs_d, out.to(embed_ptr.dtype.element_ty), mask=mask_d)
     else:
         tl.store(sums_ptr + pid_k * D + offs_d, total, mask=mask_d)

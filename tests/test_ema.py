@@ -137,6 +137,40 @@ def test_ema_update_decay_one_and_zero(impl):
     assert torch.equal(fresh[0], torch.bincount(indices, minlength=K).float())
 
 
+def _zero_mass_case(impl, device):
+    """Zero initial counts: an empty batch leaves n = 0 and embed unchanged; a real batch then fills it."""
+    K, D = 13, 10
+    cluster_size = torch.zeros(K, device=device)
+    embed_avg = torch.zeros(K, D, device=device)
+    embed = torch.randn(K, D, device=device)
+    start = embed.clone()
+    ema_update_(cluster_size, embed_avg, embed, torch.randn(0, D, device=device),
+                torch.zeros(0, dtype=torch.long, device=device), 0.9, 1e-5, impl=impl)
+    assert torch.equal(embed, start), f"{impl}: n = 0 must leave embed as it was"
+    assert not cluster_size.any() and not embed_avg.any()
+    z = torch.randn(7, D, device=device)
+    indices = torch.tensor([0, 0, 3, 5, 5, 5, 12], device=device)
+    want = _float64_update([cluster_size, embed_avg, embed], z, indices, 0.9, 1e-5)
+    ema_update_(cluster_size, embed_avg, embed, z, indices, 0.9, 1e-5, impl=impl)
+    # codes 1, 2, 4, ... got no row but n > 0: smoothed > 0, their embed is embed_avg / s = 0
+    assert torch.isfinite(embed).all() and not embed[1].any()
+    for name, g, w in zip(("cluster_size", "embed_avg", "embed"), (cluster_size, embed_avg, embed), want):
+        assert torch.allclose(g.double(), w, rtol=1e-5, atol=1e-6), f"{impl} {name}"
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_ema_update_zero_mass_keeps_embed(impl):
+    _zero_mass_case(impl, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["reference", "triton", "cuda"])
+def test_ema_update_zero_mass_keeps_embed_gpu(impl):
+    if impl == "cuda" and not _backend.cuda_ext_available():
+        pytest.skip(f"the compiled extension is not built: {_backend.cuda_ext_import_error()}")
+    _zero_mass_case(impl, "cuda")
+
+
 def test_ema_update_bad_inputs_raise():
     K, D, N = 10, 8, 20
     cs, ea, e = _buffers(K, D)

@@ -10,7 +10,9 @@ deterministic=True, check_indices=True, impl="auto") -> None`` updates, in place
 Buffers: ``cluster_size [K]`` fp32, ``embed_avg [K, D]`` fp32, ``embed [K, D]`` fp32/bf16/fp16, all
 contiguous (they are written in place). ``z [..., D]`` fp32/bf16/fp16 with any strides (accumulated in
 fp32), ``indices`` int64/int32 of shape ``z.shape[:-1]`` with values in ``[0, K)``. An empty ``z``
-(N = 0) still decays and renormalises.
+(N = 0) still decays and renormalises. When ``n = 0`` (no code has received any row yet, e.g. zero
+initial buffers and an empty first batch) every ``s`` is 0 and ``embed`` keeps its value, on every
+backend, instead of becoming 0/0 = NaN.
 
 ``check_indices=True`` checks the index range with one min/max reduction; on a GPU that is a
 device-to-host sync per call, so a caller that produced ``indices`` itself (e.g. from

@@ -8,7 +8,8 @@ Three stages, so that a distributed caller can all-reduce between the first and 
 3. ``ema_finish_``: ``cluster_size = decay*cluster_size + (1-decay)*counts``,
    ``embed_avg = decay*embed_avg + (1-decay)*sums``, Laplace smoothing
    ``s = (cluster_size + eps) / (n + K*eps) * n`` with ``n = cluster_size.sum()``,
-   ``embed = embed_avg / s[:, None]``.
+   ``embed = embed_avg / s[:, None]``; where ``s`` is 0 (only when ``n = 0``: nothing assigned yet) ``embed``
+   keeps its value instead of becoming 0/0.
 
 Works in the buffers' dtype (float64 buffers give a float64 reference). Plain PyTorch, any device.
 On CUDA ``index_add_`` uses float atomics, so this path is not bitwise deterministic there.
@@ -32,8 +33,9 @@ def ema_finish_(cluster_size, embed_avg, embed, counts, sums, decay, eps):
     cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1.0 - decay)
     embed_avg.mul_(decay).add_(sums.to(embed_avg.dtype), alpha=1.0 - decay)
     n = cluster_size.sum()
-    smoothed = (cluster_size + eps) / (n + K * eps) * n
-    embed.copy_(embed_avg / smoothed.to(embed_avg.dtype)[:, None])
+    smoothed = ((cluster_size + eps) / (n + K * eps) * n).to(embed_avg.dtype)[:, None]
+    # n = 0 (no code has any mass yet) makes every smoothed size 0: keep the codebook instead of writing 0/0
+    embed.copy_(torch.where(smoothed > 0, embed_avg / smoothed, embed.to(embed_avg.dtype)))
 
 
 def ema_update_(cluster_size, embed_avg, embed, z, indices, decay, eps):
