@@ -1,15 +1,19 @@
 """Does training with the LG-VQ text losses align the codes with text better than training without them?
 
-    python bench/alignment_ablation.py [--steps 100] [--probe-steps 40]
+    python bench/alignment_ablation.py [--steps 300] [--seeds 0 1 2] [--weights 0.1 0.01]
 
-Two tiny-cpu runs on the captioned-shapes data with identical settings (seed, steps, batch, lr, data order),
-one with the text losses (GSA + MTP + RAS) and one with ``--no-text-losses``. Without the text losses the
+For every seed, tiny-cpu runs on the captioned-shapes data with identical settings (seed, steps, batch, lr, data
+order, initial weights, every random draw), one with ``--no-text-losses`` and one per text-loss weight (GSA + MTP +
+RAS). The trainer makes the arms differ only through the text losses: at weight 0 a text run is bit-identical to
+the run without them (tests/test_train.py). Without the text losses the
 alignment heads get no training, so their metrics would be chance by construction. To compare the codes
 themselves, both tokenizers then go through the same probe: the encoder, codebook and decoder are frozen,
 freshly initialised alignment heads (f_vt, MTP decoder, RAM projection) are trained for ``--probe-steps`` steps
 with the text losses on the train split, and the probed heads are evaluated on held-out val captions
-(masked-word accuracy with 1 and 3 masked words, caption<->image R@1 over the val set). The text run's own
-jointly trained heads are reported too. Writes bench/results/alignment_ablation_cpu.json.
+(masked-word accuracy with 1 and 3 masked words, caption<->image R@1 over the val set). The text runs' own
+jointly trained heads are reported too. The summary gives each arm's mean and standard deviation over seeds and
+the paired (same seed) difference to the run without text losses. Writes
+bench/results/alignment_ablation_cpu_<name>.json and prints a Markdown table.
 """
 import argparse
 import json
@@ -78,73 +82,110 @@ def probe(model, cfg, text_encoder, loader, steps, lr):
     return model
 
 
+KEYS = ("psnr", "ssim", "codebook_usage", "masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text",
+        "r1_text_to_image")
+
+
+def mean_std(xs):
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd, "n": len(xs)}
+
+
+def summarise(runs, arms, seeds):
+    """Per arm: mean/std over seeds of the probed metrics; per text arm: the paired (same seed) difference."""
+    out = {}
+    for arm in arms:
+        out[arm] = {k: mean_std([runs[(arm, s)]["probed_heads"][k] for s in seeds]) for k in KEYS}
+        if arm != "off":
+            out[arm]["paired_diff_vs_off"] = {
+                k: mean_std([runs[(arm, s)]["probed_heads"][k] - runs[("off", s)]["probed_heads"][k] for s in seeds])
+                for k in KEYS}
+    return out
+
+
 def main():
     from lgvq_fast.data import EpochBatchSampler, KeyedDataset, ShapesDataset, make_collate
     from lgvq_fast.eval import evaluate
     from lgvq_fast.models import TextEncoder
     from lgvq_fast.train_config import PRESETS
+    from lgvq_fast.train_utils import CheckpointIO
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--probe-steps", type=int, default=40)
-    p.add_argument("--val-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--probe-steps", type=int, default=100)
+    p.add_argument("--val-size", type=int, default=256)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--weights", type=float, nargs="+",
+                   help="text-loss weight arms (one weight for all three losses; default: the preset's)")
     p.add_argument("--out", default=os.path.join("runs", "alignment_ablation"))
     p.add_argument("--reuse", action="store_true", help="evaluate the runs already in --out instead of training")
-    p.add_argument("--w", type=float, help="one weight for all three text losses (default: the preset's)")
+    p.add_argument("--name", help="results file suffix (default: derived from steps, seeds and weights)")
     args = p.parse_args()
     t0 = time.perf_counter()
     base = PRESETS["tiny-cpu"]()
-    runs = {}
-    for name, text_on in (("with_text_losses", True), ("without_text_losses", False)):
-        t = time.perf_counter()
-        out = os.path.join(args.out, name if not (text_on and args.w is not None) else f"{name}_w{args.w}")
-        runs[name] = {"dir": out}
-        if args.reuse and os.path.isfile(os.path.join(out, "metrics.jsonl")):
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                summary = [json.loads(line) for line in f if '"summary"' in line][-1]["summary"]
-        else:
-            summary = train_run(out, args.steps, args.seed, text_on, args.w)
-        runs[name].update(train_summary=summary, train_wall_s=summary["wall_s"])
+    preset_w = {"gsa": base.model.w_gsa, "mtp": base.model.w_mtp, "ras": base.model.w_ras}
+    arms = ["off"] + ([f"w{w:g}" for w in args.weights] if args.weights else ["preset"])
+    weight_of = {f"w{w:g}": w for w in (args.weights or [])}
     text_encoder = TextEncoder.build(base.model.text_encoder, max_len=base.model.max_text_len)
     res = base.model.resolution
-    val = ShapesDataset(args.val_size, res, seed=args.seed, split="val")
-    collate = make_collate(text_encoder, base.model.max_text_len, seed=args.seed + 1)
-    val_loader = torch.utils.data.DataLoader(val, batch_size=32, shuffle=False, collate_fn=collate)
-    train_ds = KeyedDataset(ShapesDataset(base.data.train_size, res, seed=args.seed, split="train"), seed=args.seed)
-    for name in runs:
-        from lgvq_fast.train_utils import CheckpointIO
-
-        ckpt = CheckpointIO(runs[name]["dir"]).latest()
-        if name == "with_text_losses":
-            model, state, cfg = load_tokenizer(ckpt, text_encoder)
-            model.load_state_dict(state)
-            runs[name]["joint_heads"] = evaluate(model, val_loader, text_encoder, seed=args.seed)
-        model, _, cfg = load_tokenizer(ckpt, text_encoder)
-        sampler = EpochBatchSampler(len(train_ds), base.train.batch_size, seed=args.seed + 7)
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
-        t = time.perf_counter()
-        probe(model, cfg, text_encoder, loader, args.probe_steps, base.train.lr)
-        runs[name]["probe_wall_s"] = time.perf_counter() - t
-        runs[name]["probed_heads"] = evaluate(model, val_loader, text_encoder, seed=args.seed)
+    runs = {}
+    for seed in args.seeds:
+        val = ShapesDataset(args.val_size, res, seed=seed, split="val")
+        collate = make_collate(text_encoder, base.model.max_text_len, seed=seed + 1)
+        val_loader = torch.utils.data.DataLoader(val, batch_size=32, shuffle=False, collate_fn=collate)
+        train_ds = KeyedDataset(ShapesDataset(base.data.train_size, res, seed=seed, split="train"), seed=seed)
+        for arm in arms:
+            out = os.path.join(args.out, f"steps{args.steps}_seed{seed}_{arm}")
+            r = runs[(arm, seed)] = {"dir": out, "arm": arm, "seed": seed}
+            if args.reuse and os.path.isfile(os.path.join(out, "metrics.jsonl")):
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    summary = [json.loads(line) for line in f if '"summary"' in line][-1]["summary"]
+            else:
+                summary = train_run(out, args.steps, seed, arm != "off", weight_of.get(arm))
+            r.update(train_val_psnr_end=summary["val_psnr_end"], train_wall_s=summary["wall_s"])
+            ckpt = CheckpointIO(out).latest()
+            if arm != "off":
+                model, state, cfg = load_tokenizer(ckpt, text_encoder)
+                model.load_state_dict(state)
+                r["joint_heads"] = evaluate(model, val_loader, text_encoder, seed=seed)
+            model, _, cfg = load_tokenizer(ckpt, text_encoder)
+            sampler = EpochBatchSampler(len(train_ds), base.train.batch_size, seed=seed + 7)
+            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+            t = time.perf_counter()
+            probe(model, cfg, text_encoder, loader, args.probe_steps, base.train.lr)
+            r["probe_wall_s"] = time.perf_counter() - t
+            r["probed_heads"] = evaluate(model, val_loader, text_encoder, seed=seed)
+            print(f"seed {seed} {arm}: " + ", ".join(f"{k} {r['probed_heads'][k]:.4f}" for k in KEYS), flush=True)
+    summary = summarise(runs, arms, args.seeds)
     payload = {"benchmark": "alignment_ablation", "device": "cpu", "steps": args.steps,
-               "probe_steps": args.probe_steps, "val_size": args.val_size, "seed": args.seed,
+               "probe_steps": args.probe_steps, "val_size": args.val_size, "seeds": args.seeds,
                "batch_size": base.train.batch_size, "lr": base.train.lr,
-               "text_loss_weights": ({"gsa": base.model.w_gsa, "mtp": base.model.w_mtp, "ras": base.model.w_ras}
-                                     if args.w is None else {"gsa": args.w, "mtp": args.w, "ras": args.w}),
-               "protocol": __doc__.split("\n\n")[2].replace("\n", " "), "runs": runs,
-               "total_wall_s": time.perf_counter() - t0}
+               "arms": {a: ({"gsa": weight_of[a], "mtp": weight_of[a], "ras": weight_of[a]} if a in weight_of
+                            else preset_w if a == "preset" else None) for a in arms},
+               "r1_chance": 1.0 / args.val_size,
+               "protocol": __doc__.split("\n\n")[2].replace("\n", " "), "summary": summary,
+               "runs": [r for r in runs.values()], "total_wall_s": time.perf_counter() - t0}
     os.makedirs(RESULTS, exist_ok=True)
-    suffix = ("" if args.w is None else f"_w{args.w}") + ("" if args.seed == 0 else f"_seed{args.seed}")
-    path = os.path.join(RESULTS, f"alignment_ablation_cpu{suffix}.json")
+    name = args.name or f"steps{args.steps}_seeds{'-'.join(map(str, args.seeds))}" + (
+        "" if not args.weights else "_w" + "-".join(f"{w:g}" for w in args.weights))
+    path = os.path.join(RESULTS, f"alignment_ablation_cpu_{name}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-    keys = ("psnr", "ssim", "codebook_usage", "masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text",
-            "r1_text_to_image", "r1_chance")
-    for name, r in runs.items():
-        for part in ("joint_heads", "probed_heads"):
-            if part in r:
-                print(name, part, {k: (round(r[part][k], 4) if r[part][k] is not None else None) for k in keys})
+    fmt = lambda d: "-" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
+    cols = ("psnr", "masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text", "r1_text_to_image")
+    print(f"\n{args.steps} steps, seeds {args.seeds}, probe {args.probe_steps} steps, {args.val_size} val captions "
+          f"(R@1 chance {1.0 / args.val_size:.4f}); mean ± std over seeds")
+    print("| arm | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for arm in arms:
+        print(f"| {arm} | " + " | ".join(fmt(summary[arm][k]) for k in cols) + " |")
+        if arm != "off":
+            print(f"| {arm} − off (paired) | " + " | ".join(fmt(summary[arm]["paired_diff_vs_off"][k]) for k in cols)
+                  + " |")
     print(f"wrote {path} ({payload['total_wall_s']:.0f}s)")
 
 
