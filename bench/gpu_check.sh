@@ -64,6 +64,7 @@ fi
 stage nn_search 150 python3 bench/nn_search.py
 stage ema 60 python3 bench/ema.py
 stage relation 60 python3 bench/relation.py
+stage train_step 120 python3 bench/train_step.py
 
 python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys
