@@ -216,26 +216,22 @@ def train(cfg):
 
         progress = tqdm(total=t.steps, initial=step, dynamic_ncols=True, mininterval=1.0)
 
-    # Set on the device when a loss turns NaN or inf (no sync per step); read at log rows, at the per-step
-    # multi-rank sync and before every save, so a diverged model is never written over the good checkpoints.
+    # Set on the device when a loss turns NaN or inf (no sync per step); read at log rows (one process), at the
+    # per-step multi-rank sync (which makes it agree on every rank) and before every save, so a diverged model is
+    # never written over the good checkpoints.
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    last_finite_check = [step]
+    last_finite_check = step
 
-    def raise_if_nonfinite(synced=False):
-        if world > 1 and not synced:
-            flag = nonfinite.float()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad = bool(flag.item() > 0)
-        else:
-            bad = bool(nonfinite.item())
-        if bad:
+    def raise_if_nonfinite():
+        nonlocal last_finite_check
+        if bool(nonfinite.item()):
             if progress is not None:
                 progress.close()
             raise FloatingPointError(
-                f"training diverged: a loss became NaN or inf between step {last_finite_check[0] + 1} and step "
+                f"training diverged: a loss became NaN or inf between step {last_finite_check + 1} and step "
                 f"{step}; no checkpoint was written after it (latest good one: {ckpt.latest() or 'none'}). "
                 "Lower the learning rate (--lr) or resume from that checkpoint with --resume auto.")
-        last_finite_check[0] = step
+        last_finite_check = step
 
     def save(reason):
         raise_if_nonfinite()
@@ -308,9 +304,8 @@ def train(cfg):
                 flag = torch.stack([torch.tensor(float(stop.stop), device=device), nonfinite.float()])
                 dist.all_reduce(flag)
                 stop.stop = bool(flag[0].item() > 0)
-                if flag[1].item() > 0:
-                    nonfinite.fill_(True)
-                    raise_if_nonfinite(synced=True)
+                nonfinite.fill_(bool(flag[1].item() > 0))
+                raise_if_nonfinite()
             if t.ckpt_every and step % t.ckpt_every == 0 and step < t.steps and not stop.stop:
                 save("periodic")
             if step >= t.steps or stop.stop:
