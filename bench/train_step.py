@@ -60,7 +60,7 @@ def random_text_batch(batch, length, vocab, eos, generator):
 
 def setup(device, args):
     from lgvq_fast.models import PerceptualLoss, TextEncoder, build_model, preset
-    from lgvq_fast.train_utils import DiscSwap
+    from lgvq_fast.train_utils import DiscSwap, place_models
 
     gen = torch.Generator().manual_seed(0)
     if device.type == "cuda":
@@ -76,12 +76,7 @@ def setup(device, args):
     if device.type == "cuda" or args.perceptual:
         # random VGG16 weights: the perceptual term's FLOPs without needing the LPIPS checkpoint
         loss_mod.perceptual, loss_mod.perceptual_weight = PerceptualLoss(), 1.0
-    text_encoder.to(device)
-    model.to(device)
-    loss_mod.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-        loss_mod.to(memory_format=torch.channels_last)
+    place_models(device, args.channels_last, text_encoder, model, loss_mod)
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, generator=gen).mul_(2).sub_(1).to(device)
     text = random_text_batch(batch, cfg.max_text_len, text_encoder.vocab_size, eos, gen)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9))

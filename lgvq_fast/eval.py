@@ -1,4 +1,4 @@
-"""Evaluate an LG-VQ tokenizer: ``python -m lgvq_fast.eval --ckpt runs/tiny-cpu/checkpoints/step_0000600.pt``.
+"""Evaluate an LG-VQ tokenizer: ``python -m lgvq_fast.eval --ckpt runs/tiny-cpu/checkpoints/step_0000300.pt``.
 
 Metrics (``evaluate``): PSNR and SSIM of reconstructions, codebook usage (fraction of codes used) and
 perplexity, masked-word accuracy with k masked words per caption (the MTP head predicts them from the image
@@ -227,6 +227,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the metrics JSON here")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        p.error("--batch-size and --max-batches must be positive")
     model, text_encoder, cfg = load_checkpoint_model(args.ckpt, args.device, args.text_encoder)
     d = cfg["data"]
     ds = build_dataset(d["name"], args.split, cfg["model"]["resolution"], seed=cfg["train"]["seed"],
@@ -244,5 +246,12 @@ def main(argv=None):
     return result
 
 
+def cli(argv=None):
+    """``main`` for the command line (one-line errors for a missing checkpoint, data folder or model file)."""
+    from lgvq_fast.train_utils import run_cli
+
+    return run_cli(main, "eval.py", argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from lgvq_fast.data.collate import mix_seed
 from lgvq_fast.train_config import build_config, config_to_dict
 from lgvq_fast.train_utils import (
-    CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, print0, restore_rng,
+    CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, place_models, print0, restore_rng,
+    run_cli,
 )
 
 
@@ -104,12 +105,7 @@ def build_everything(cfg, device, world):
     # Same initial weights on every rank (DDP also broadcasts them, this keeps single-process runs reproducible).
     torch.manual_seed(t.seed)
     model, loss_mod = build_model(m, text_encoder)
-    text_encoder.to(device)
-    model.to(device)
-    loss_mod.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-        loss_mod.to(memory_format=torch.channels_last)
+    place_models(device, t.channels_last, text_encoder, model, loss_mod)
     lr = t.lr if t.lr is not None else t.base_lr * t.batch_size * world
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(t.betas))
     opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=lr, betas=tuple(t.betas))
@@ -394,5 +390,10 @@ def main(argv=None):
     return train(cfg)
 
 
+def cli(argv=None):
+    """``main`` for the command line (one-line errors for bad configurations and missing files)."""
+    return run_cli(main, "train.py", argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

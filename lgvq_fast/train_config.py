@@ -5,9 +5,14 @@ parsed to the field's current type (bool accepts true/false/1/0, tuples take ``1
 ``none`` clears an optional field).
 """
 import ast
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from lgvq_fast.models.lgvq import LGVQConfig, preset as model_preset
+
+
+class ConfigError(ValueError):
+    """A bad command line or configuration: the train CLI prints it as one line and exits with status 2."""
 
 
 @dataclass
@@ -101,14 +106,18 @@ def _parse_value(text, current, name):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--set {name}: expected a boolean, got {text!r}")
-    if isinstance(current, tuple):
-        inner = text.strip().strip("()[]")
-        return tuple(ast.literal_eval(v.strip()) for v in inner.split(",") if v.strip())
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
+        raise ConfigError(f"--set {name}: expected a boolean, got {text!r}")
+    try:
+        if isinstance(current, tuple):
+            inner = text.strip().strip("()[]")
+            return tuple(ast.literal_eval(v.strip()) for v in inner.split(",") if v.strip())
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+    except (ValueError, SyntaxError):
+        kind = type(current).__name__
+        raise ConfigError(f"--set {name}: expected {'a' if kind != 'int' else 'an'} {kind}, got {text!r}") from None
     if isinstance(current, str):
         return text
     try:
@@ -120,21 +129,21 @@ def _parse_value(text, current, name):
 def apply_override(cfg, assignment):
     """Apply one ``section.key=value`` to ``cfg`` (in place)."""
     if "=" not in assignment:
-        raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
     key, value = assignment.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
-        raise ValueError(f"--set key must be model.<field>, data.<field> or train.<field>, got {key!r}")
+        raise ConfigError(f"--set key must be model.<field>, data.<field> or train.<field>, got {key!r}")
     section = getattr(cfg, parts[0])
     names = {f.name for f in fields(section)}
     if parts[1] not in names:
-        raise ValueError(f"--set {key}: unknown field; {parts[0]} has {sorted(names)}")
+        raise ConfigError(f"--set {key}: unknown field; {parts[0]} has {sorted(names)}")
     setattr(section, parts[1], _parse_value(value, getattr(section, parts[1]), key))
 
 
 def build_config(args):
     if args.config not in PRESETS:
-        raise ValueError(f"unknown --config {args.config!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"unknown --config {args.config!r}; choose from {sorted(PRESETS)}")
     cfg = PRESETS[args.config]()
     flag_map = {
         "steps": ("train", "steps"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
@@ -158,7 +167,36 @@ def build_config(args):
         cfg.train.progress = False
     for assignment in getattr(args, "set", []) or []:
         apply_override(cfg, assignment)
+    validate_config(cfg)
     return cfg
+
+
+def validate_config(cfg):
+    """Reject values no run can use, naming the field, before anything is built."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
+                "train.val_batch": t.val_batch, "train.keep_last": t.keep_last,
+                "model.codebook_size": m.codebook_size, "model.embed_dim": m.embed_dim,
+                "model.resolution": m.resolution, "model.max_text_len": m.max_text_len,
+                "data.train_size": d.train_size, "data.val_size": d.val_size}
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in {"train.ckpt_every": t.ckpt_every, "train.sample_every": t.sample_every,
+                        "train.eval_every": t.eval_every, "data.num_workers": d.num_workers}.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0 (0 turns it off), got {value!r}")
+    for name, value in {"train.lr": t.lr, "train.base_lr": t.base_lr}.items():
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    if t.amp not in ("bf16", "none"):
+        raise ConfigError(f"train.amp must be bf16 (autocast on GPU) or none, got {t.amp!r}")
+    if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {t.device!r}")
+    factor = 2 ** (len(m.ch_mult) - 1)
+    if m.resolution % factor:
+        raise ConfigError(f"model.resolution {m.resolution} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
+                          f"(ch_mult {tuple(m.ch_mult)})")
 
 
 def config_to_dict(cfg):

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import sys
 
 import numpy as np
 import torch
@@ -18,6 +19,32 @@ def is_main_process():
 def print0(*args, **kwargs):
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def run_cli(main, prog, argv=None):
+    """Run ``main(argv)`` for the command line: a bad configuration or a missing file (data folder, text encoder
+    folder, checkpoint) is printed as one ``<prog>: error:`` line with exit status 2 instead of a traceback; set
+    ``LGVQ_TRACEBACK=1`` to see the traceback. Every other exception propagates unchanged."""
+    from lgvq_fast.train_config import ConfigError
+
+    try:
+        return main(argv)
+    except (ConfigError, FileNotFoundError) as e:
+        if os.environ.get("LGVQ_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def place_models(device, channels_last, text_encoder, model, loss_mod):
+    """Move the frozen text encoder, the tokenizer and the loss module (with its discriminator) to ``device``;
+    with ``channels_last`` the convolutional modules also take that memory format."""
+    text_encoder.to(device)
+    model.to(device)
+    loss_mod.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        loss_mod.to(memory_format=torch.channels_last)
 
 
 def batch_psnr(x_rec, x, reduce=True):

@@ -164,6 +164,49 @@ def test_set_override_parsing():
         build_config(train_mod.parse_args(["--config", "imagenet"]))
 
 
+@pytest.mark.parametrize("argv, culprit", [
+    (["--set", "model.codebook_size=abc"], "model.codebook_size: expected an int, got 'abc'"),
+    (["--set", "model.ema_update=maybe"], "model.ema_update: expected a boolean"),
+    (["--steps", "0"], "train.steps must be a positive integer, got 0"),
+    (["--batch-size", "-3"], "train.batch_size must be a positive integer"),
+    (["--lr", "nan"], "train.lr must be a positive finite number"),
+    (["--set", "train.ckpt_every=-1"], "train.ckpt_every must be an integer >= 0"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["--set", "model.resolution=18", "--set", "model.ch_mult=1,2,2"], "not divisible by 2**(len(ch_mult) - 1) = 4"),
+    (["--set", "train.amp=fp8"], "train.amp must be bf16"),
+    (["--set", "nosection=1"], "--set key must be model.<field>"),
+    (["--set", "model.codebook_size"], "--set expects KEY=VALUE"),
+])
+def test_bad_config_names_the_field(argv, culprit):
+    from lgvq_fast.train_config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as info:
+        build_config(train_mod.parse_args(argv))
+    assert culprit in str(info.value)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LGVQ_TRACEBACK", raising=False)
+    for argv, culprit in [(["--config", "imagenet"], "unknown --config 'imagenet'"),
+                          (["--config", "cub", "--data-root", str(tmp_path / "no_cub")], str(tmp_path / "no_cub")),
+                          (TINY + ["--out", str(tmp_path / "r"), "--resume", str(tmp_path / "nope.pt")], "nope.pt")]:
+        with pytest.raises(SystemExit) as info:
+            train_mod.cli(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("train.py: error: ") and culprit in err[-1], err
+        assert not any("Traceback" in line for line in err)
+    from lgvq_fast import eval as eval_mod
+
+    with pytest.raises(SystemExit) as info:
+        eval_mod.cli(["--ckpt", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("eval.py: error: ") and "missing.pt" in err[-1]
+    monkeypatch.setenv("LGVQ_TRACEBACK", "1")
+    with pytest.raises(Exception, match="unknown --config"):
+        train_mod.cli(["--config", "imagenet"])
+
+
 def test_eval_cli_and_metrics(tmp_path):
     from lgvq_fast import eval as eval_mod
 
