@@ -21,7 +21,21 @@ from lgvq_fast.ops._checks import FLOAT_DTYPES
 PRECISIONS = ("exact", "fast")
 
 
-class VectorQuantizer(nn.Module):
+class CodeLookup:
+    """Index -> code lookups shared by the quantizers (they define ``codebook``, ``codebook_size``, ``channel_last``)."""
+
+    def get_codes_from_indices(self, indices):
+        """Codes for integer ``indices`` of any shape: ``[*indices.shape, D]`` (fp32)."""
+        _check_indices(f"{type(self).__name__}.get_codes_from_indices", indices, self.codebook_size)
+        return self.codebook[indices]
+
+    def get_output_from_indices(self, indices):
+        """Codes in this quantizer's layout: channel-first ``[B, D, ...]`` when ``channel_last=False``."""
+        codes = self.get_codes_from_indices(indices)
+        return codes if self.channel_last else codes.movedim(-1, 1)
+
+
+class VectorQuantizer(CodeLookup, nn.Module):
     """Nearest-code quantizer with a straight-through gradient.
 
     Args:
@@ -147,16 +161,6 @@ class VectorQuantizer(nn.Module):
     def codebook(self):
         """The codes the search and lookup use, ``[K, D]`` (l2-normalised in cosine mode)."""
         return F.normalize(self.embed, dim=-1) if self.use_cosine_sim else self.embed
-
-    def get_codes_from_indices(self, indices):
-        """Codes for integer ``indices`` of any shape: ``[*indices.shape, D]`` (fp32)."""
-        _check_indices("VectorQuantizer.get_codes_from_indices", indices, self.codebook_size)
-        return self.codebook[indices]
-
-    def get_output_from_indices(self, indices):
-        """Codes in this quantizer's layout: channel-first ``[B, D, ...]`` when ``channel_last=False``."""
-        codes = self.get_codes_from_indices(indices)
-        return codes if self.channel_last else codes.movedim(-1, 1)
 
     def extra_repr(self):
         return (

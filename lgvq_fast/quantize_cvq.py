@@ -21,8 +21,8 @@ from torch import nn
 
 from lgvq_fast import ops
 from lgvq_fast.quantize import (
+    CodeLookup,
     _check_common,
-    _check_indices,
     _check_sizes,
     flatten_input,
     resolve_sync_group,
@@ -34,7 +34,7 @@ ANCHORS = ("probrandom", "closest")
 CHUNK_ELEMENTS = 1 << 22
 
 
-class CVQVectorQuantizer(nn.Module):
+class CVQVectorQuantizer(CodeLookup, nn.Module):
     """Online clustered codebook quantizer (CVQ), ``forward(z) -> (quantize, indices, loss)``.
 
     Args:
@@ -120,14 +120,6 @@ class CVQVectorQuantizer(nn.Module):
     @property
     def codebook(self):
         return self.embed
-
-    def get_codes_from_indices(self, indices):
-        _check_indices("CVQVectorQuantizer.get_codes_from_indices", indices, self.codebook_size)
-        return self.embed[indices]
-
-    def get_output_from_indices(self, indices):
-        codes = self.get_codes_from_indices(indices)
-        return codes if self.channel_last else codes.movedim(-1, 1)
 
     def extra_repr(self):
         return (
