@@ -174,6 +174,18 @@ def train(cfg):
             opt_g.load_state_dict(state["opt_g"])
             opt_d.load_state_dict(state["opt_d"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            saved_world = int(state.get("world_size", world))
+            saved_batch = int(state.get("config", {}).get("train", {}).get("batch_size", t.batch_size))
+            if (saved_world, saved_batch) != (world, t.batch_size):
+                # Keep the position in the epoch in images, not batches: continue at the first global batch
+                # of the new size not fully seen (at most one batch of images is seen twice).
+                seen = batch_in_epoch * saved_world * saved_batch
+                batch_in_epoch = seen // (world * t.batch_size)
+                if batch_in_epoch >= sampler.batches_per_epoch():
+                    epoch, batch_in_epoch = epoch + 1, 0
+                print0(f"warning: {path} was written by {saved_world} process(es) x batch {saved_batch}, this run "
+                       f"has {world} x {t.batch_size}: it continues at step {step} after {seen} images of epoch "
+                       f"{state['epoch']}, but its data order differs from an uninterrupted run")
             print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     if t.compile:
         model = torch.compile(model)

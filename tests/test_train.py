@@ -77,6 +77,22 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert all(la[s] == lb[s] for s in range(1, 7)), (la, lb)
 
 
+def test_resume_with_another_global_batch_keeps_the_epoch_position(tmp_path, capsys):
+    # 40 training images at batch 4: 10 batches per epoch; stop after 9 (36 images of epoch 0 seen).
+    _run(tmp_path, "--steps", "9", "--seed", "1")
+    capsys.readouterr()
+    # batch 12 has 3 batches per epoch: the 36 images seen leave no full batch of epoch 0, so epoch 1 starts.
+    summary = _run(tmp_path, "--steps", "11", "--seed", "1", "--resume", "auto", "--batch-size", "12")
+    assert summary["step"] == 11
+    assert "data order differs from an uninterrupted run" in capsys.readouterr().out
+    state = CheckpointIO.load(CheckpointIO(str(tmp_path)).latest())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    # batch 2 has 20 batches per epoch; (epoch 1, batch 2 at 12 images) = 24 images seen -> batch 12
+    summary = _run(tmp_path, "--steps", "12", "--seed", "1", "--resume", "auto", "--batch-size", "2")
+    state = CheckpointIO.load(CheckpointIO(str(tmp_path)).latest())
+    assert summary["step"] == 12 and (state["epoch"], state["batch_in_epoch"]) == (1, 13)
+
+
 def test_sigterm_saves_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
