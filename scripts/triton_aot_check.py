@@ -211,6 +211,10 @@ def main():
           f"{len(compiler.failures)} failed")
     for f in compiler.failures:
         print("  " + f)
+    spills = [v for v in compiler.done.values() if v and (v.get("stack", 0) or v.get("local", 0))]
+    if spills:
+        print(f"{len(spills)} of {n} variants use stack or local memory (register spills; the autotuner times them "
+              f"against the others)")
     if n == 0:
         print("nothing was compiled: the launchers made no launch")
         return 1
