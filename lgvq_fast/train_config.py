@@ -74,8 +74,9 @@ def _tiny_cpu():
     model.max_text_len = 16
     model.ema_update = True
     model.quantizer_kwargs = {"threshold_ema_dead_code": 1.0}
-    # Text-loss weights 0.001 (the paper's CUB weights): in bench/alignment_ablation.py (1000 steps, 2 seeds) they
-    # give the alignment gain of larger weights at unchanged PSNR; 0.01 costs 0.3 dB and 0.1 costs 1.4 dB.
+    # Text-loss weights 0.001 (the paper's CUB weights): in bench/alignment_ablation.py (1000 steps, 5 seeds) they
+    # raise masked-word accuracy by 24 points and R@1 at unchanged PSNR (+0.01 dB paired); 0.01 costs 0.3 dB and
+    # 0.1 costs 1.4 dB.
     model.w_gsa = model.w_mtp = model.w_ras = 0.001
     return Config("tiny-cpu", model, DataConfig(name="shapes", train_size=4096, val_size=256, num_workers=0),
                   TrainConfig(steps=300, batch_size=8, lr=3e-4, ckpt_every=100, sample_every=100,
