@@ -116,8 +116,10 @@ class _UInt8Features(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 3), inception_path=None,
-             device=None, seed=0):
-    """Metrics over ``loader`` (collate batches of ``make_collate``) → dict of floats (None when unavailable)."""
+             device=None, seed=0, progress=False):
+    """Metrics over ``loader`` (collate batches of ``make_collate``) → dict of floats (None when unavailable).
+
+    ``progress`` shows a tqdm bar over the batches. Raises ``ValueError`` when the loader yields no image."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim_fn
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -131,7 +133,15 @@ def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 
     gen = torch.Generator().manual_seed(seed)
     fid = FID(inception_path, device) if inception_path else None
     has_heads = getattr(model, "sam", None) is not None
-    for i, batch in enumerate(loader):
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        total = len(loader) if hasattr(loader, "__len__") else None
+        if max_batches is not None and total is not None:
+            total = min(total, max_batches)
+        batches = tqdm(loader, total=total, desc="eval", unit="batch", dynamic_ncols=True)
+    for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x = batch["image"].to(device)
@@ -163,6 +173,10 @@ def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 
             hits[k][0] += float(o["mtp_acc"]) * n_masked
             hits[k][1] += n_masked
     model.train(was_training)
+    if progress:
+        batches.close()
+    if n_img == 0:
+        raise ValueError("evaluate: the loader yielded no images (empty dataset, or max_batches=0)")
     p = counts.float() / counts.sum().clamp_min(1)
     result = {
         "images": n_img,
@@ -226,6 +240,7 @@ def main(argv=None):
     p.add_argument("--text-encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         p.error("--batch-size and --max-batches must be positive")
@@ -238,7 +253,7 @@ def main(argv=None):
     collate = make_collate(text_encoder, cfg["model"]["max_text_len"], seed=cfg["train"]["seed"])
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, collate_fn=collate)
     result = evaluate(model, loader, text_encoder, max_batches=args.max_batches, inception_path=args.inception,
-                      device=args.device)
+                      device=args.device, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -237,6 +237,12 @@ def test_eval_cli_and_metrics(tmp_path):
         assert 0 <= result[k] <= 1
     assert result["fid"] is None
     assert json.load(open(tmp_path / "eval.json"))["images"] == 8
+    # with the progress bar (stderr), the same metrics; an empty loader is an error, not PSNR 0
+    model, text_encoder, _ = eval_mod.load_checkpoint_model(ckpt, "cpu")
+    with pytest.raises(ValueError, match="no images"):
+        eval_mod.evaluate(model, [], text_encoder, progress=True)
+    with pytest.raises(ValueError, match="no images"):
+        eval_mod.evaluate(model, [{"image": torch.zeros(1, 3, 16, 16)}], text_encoder, max_batches=0)
 
 
 def test_mask_k_words_and_retrieval():
