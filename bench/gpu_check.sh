@@ -50,7 +50,10 @@ if ! stage build 240 python3 -m pip install -q -e . --no-build-isolation --no-de
 fi
 stage import 45 python3 -c "from lgvq_fast import _cuda, _C; print(_cuda.info(), 'binary sm', _C.nearest_code_binary_version(0))"
 
-stage gpu-tests 150 python3 -m pytest -q -m gpu --maxfail=25 --no-header -p no:cacheprovider tests/
+# Kernel compiles dominate the first GPU test run: spread them over 4 pytest-xdist workers when it is there.
+XDIST=()
+if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
+stage gpu-tests 150 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider tests/
 stage train_step 90 python3 bench/train_step.py
 stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py

@@ -36,7 +36,8 @@ from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import nearest_code  # noqa: E402
 from lgvq_fast.reference import nearest_code as ref  # noqa: E402
 
-GPU_SHAPES = [(16384, 1024, 256), (65536, 16384, 256), (65536, 16384, 32), (65536, 16384, 8), (16384, 131072, 256)]
+# The headline shape first: results are written after every shape, so a run cut short keeps what it measured.
+GPU_SHAPES = [(65536, 16384, 256), (16384, 1024, 256), (65536, 16384, 32), (65536, 16384, 8), (16384, 131072, 256)]
 CPU_SHAPES = [(2048, 1024, 256), (2048, 2048, 32), (2048, 2048, 8)]
 BASELINE = "reference fp32"
 
@@ -203,8 +204,12 @@ def main(argv=None):
     if device.type != "cuda":
         print("CPU run: only the PyTorch reference rows are timed; the Triton and CUDA kernels need a GPU.")
     rows = []
+    extra = {"metric": args.metric, "truth_rows": args.truth_rows}
     for shape in shapes:
         rows.extend(bench_shape(shape, args.metric, device, args.truth_rows))
+        done = {r["shape"] for r in rows}
+        path = write_results("nn_search", device, rows, extra={**extra, "complete": len(done) == len(shapes)})
+        print(f"{shape}: {len(rows)} rows so far, written to {path}", flush=True)
     columns = [
         ("shape", "N x K x D"),
         ("impl", "impl"),
@@ -216,7 +221,6 @@ def main(argv=None):
         ("note", "note"),
     ]
     print_table(rows, columns)
-    path = write_results("nn_search", device, rows, extra={"metric": args.metric, "truth_rows": args.truth_rows})
     print(f"wrote {path}")
     return rows
 

@@ -90,8 +90,26 @@ def _prune_configs(configs, named_args, **kwargs):
         c
         for c in configs
         if c.kwargs["BLOCK_D"] <= widest and _smem_estimate(c, operand_bytes) <= _SMEM_BUDGET
+        and (D <= c.kwargs["BLOCK_D"] or _interpret() or _config_key(c) in _LOOPED_D_CONFIGS)
     ]
-    return kept or configs[:1]
+    kept = kept or configs[:1]
+    # Each config is a separate compile (a second or more) the first time a shape is seen: tests and quick
+    # checks can ask for the first surviving config only.
+    if os.environ.get("LGVQ_FAST_TRITON_AUTOTUNE", "1") in ("0", ""):
+        kept = kept[:1]
+    return kept
+
+
+def _config_key(config):
+    kw = config.kwargs
+    return kw["BLOCK_N"], kw["BLOCK_K"], kw["BLOCK_D"], config.num_warps, config.num_stages
+
+
+# When D is wider than BLOCK_D the kernel loops over D and the sm_90 cubins of most configs spill registers
+# (Triton 3.6, fp32 operands: 100 B to 3 KB of stack per thread, bench/results/triton_aot_sm90_triton3.6.txt).
+# Only these three, which spill least (stack at most 616 B in tf32x3 mode, 24 B in the others), are tried then;
+# every config stays for a D that fits one chunk, where none spills.
+_LOOPED_D_CONFIGS = {(128, 128, 32, 8, 3), (128, 256, 16, 8, 3), (64, 128, 16, 4, 4)}
 
 
 @triton.jit
@@ -269,7 +287,7 @@ def code_norms(codebook, metric):
     return out
 
 
-def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="tf32x3"):
+def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="tf32x3", config=None):
     """Host launcher: ``z [N, D]`` and ``codebook [K, D]`` (any strides; fp32/bf16/fp16).
 
     Returns ``(indices int64 [N], distances fp32 [N])``. Arguments are assumed
@@ -279,6 +297,8 @@ def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="t
     ``exact_split`` picks the exact-mode product: ``"tf32x3"`` (default, about
     fp32 accuracy) or ``"bf16x3"`` (hi/lo bf16 parts, about 16 significant bits,
     twice the tensor-core rate of tf32); bench/nn_search.py reports both.
+
+    ``config`` (a ``triton.Config`` of ``_configs()``) launches that config instead of autotuning (tests).
     """
     assert exact_split in ("tf32x3", "bf16x3")
     assert z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1]
@@ -290,7 +310,10 @@ def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="t
         return indices, distances
     e_aux = code_norms(codebook, metric)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_code_fwd_kernel[grid](
+    kernel, extra = _nearest_code_fwd_kernel, {}
+    if config is not None:
+        kernel, extra = _nearest_code_fwd_kernel.fn, config.all_kwargs()  # .fn: the heuristics, no autotuning
+    kernel[grid](
         z,
         codebook,
         e_aux,
@@ -308,5 +331,6 @@ def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="t
         FAST=precision == "fast",
         SPLIT_BF16=exact_split == "bf16x3",
         EMULATE_BF16=_interpret(),
+        **extra,
     )
     return indices, distances

@@ -9,6 +9,9 @@ import torch  # noqa: E402  (torch does not import triton at load)
 # Without a GPU the Triton kernels run in the CPU interpreter; with one they compile.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("LGVQ_FAST_POISON", "1")
+# Tests check results, not tuning: one Triton autotune config per launch instead of compiling and timing every
+# candidate for each new shape (minutes on a GPU). Export LGVQ_FAST_TRITON_AUTOTUNE=1 to test full autotuning.
+os.environ.setdefault("LGVQ_FAST_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

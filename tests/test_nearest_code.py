@@ -288,3 +288,51 @@ def test_nearest_code_gpu_duplicates_and_empty():
             assert torch.equal(indices, truth), (impl, precision)
         indices, distances = nearest_code(z[:0], codebook, impl=impl)
         assert indices.shape == (0,) and distances.shape == (0,)
+
+
+def _surviving_configs(z, codebook, fast, monkeypatch):
+    """The configs the autotuner would time for this launch (with autotuning on)."""
+    from lgvq_fast.kernels import nearest_code as nc
+
+    monkeypatch.setenv("LGVQ_FAST_TRITON_AUTOTUNE", "1")
+    configs = nc._prune_configs(nc._configs(), {"D": z.shape[1], "FAST": fast, "z_ptr": z, "e_ptr": codebook})
+    monkeypatch.setenv("LGVQ_FAST_TRITON_AUTOTUNE", "0")
+    return configs
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="needs triton")
+def test_autotune_pruning(monkeypatch):
+    """Looped-D launches keep only the low-spill configs; a D that fits one chunk keeps every fitting config;
+    LGVQ_FAST_TRITON_AUTOTUNE=0 keeps the first."""
+    from lgvq_fast.kernels import nearest_code as nc
+
+    monkeypatch.setattr(nc, "_interpret", lambda: False)  # the GPU config list, also under the interpreter
+    z, cb = torch.empty(8, 256), torch.empty(8, 256)
+    looped = _surviving_configs(z, cb, False, monkeypatch)
+    assert looped and {nc._config_key(c) for c in looped} <= nc._LOOPED_D_CONFIGS
+    small = _surviving_configs(torch.empty(8, 8), torch.empty(8, 8), True, monkeypatch)
+    assert len(small) > 1 and all(c.kwargs["BLOCK_D"] == 16 for c in small)
+    first = nc._prune_configs(nc._configs(), {"D": 256, "FAST": False, "z_ptr": z, "e_ptr": cb})
+    assert first == looped[:1]
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("mode", [("exact", "tf32x3"), ("exact", "bf16x3"), ("fast", "tf32x3")], ids="-".join)
+def test_every_surviving_triton_config_matches_float64(mode, monkeypatch):
+    """Each config the autotuner may pick is correct on its own (tests otherwise run the first one only).
+    On a GPU: a looped-D shape and a one-chunk shape; in the interpreter: its single config, small."""
+    from lgvq_fast.kernels.nearest_code import nearest_code_fwd
+
+    precision, split = mode
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not _backend.triton_interpret():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    shapes = [(4097, 2049, 256), (3001, 1000, 32)] if device == "cuda" else [(130, 300, 77)]
+    for N, K, D in shapes:
+        z = torch.randn(N, D, device=device)
+        codebook = torch.randn(K, D, device=device)
+        configs = _surviving_configs(z, codebook, precision == "fast", monkeypatch)
+        assert configs
+        for config in configs:
+            indices, distances = nearest_code_fwd(z, codebook, "l2", precision, split, config=config)
+            _check_against_float64(z, codebook, indices, distances, "l2", precision)
