@@ -311,3 +311,19 @@ def test_nonfinite_loss_stops_without_writing_a_checkpoint(tmp_path, monkeypatch
     assert [os.path.basename(p) for p in ckpts] == ["step_0000002.pt"]
     state = CheckpointIO.load(ckpts[0])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_gpu_with_bf16_autocast(tmp_path):
+    """The trainer on CUDA: bf16 autocast, the fused ops on GPU tensors, channels_last, checkpoint and resume."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = tmp_path / "gpu"
+    summary = _run(out, "--steps", "4", "--device", "cuda", "--set", "train.channels_last=true")
+    assert summary["step"] == 4 and summary["val_psnr_end"] == summary["val_psnr_end"]  # not NaN
+    rows = [r for r in _rows(out) if "total" in r]
+    assert rows and all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
+    summary = _run(out, "--steps", "6", "--device", "cuda", "--resume", "auto")
+    state = CheckpointIO.load(CheckpointIO(str(out)).latest())
+    assert summary["step"] == 6 and state["step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
