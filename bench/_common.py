@@ -19,17 +19,18 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
 
 
-def time_ms(fn, device, warmup=3, rep=None):
+def time_ms(fn, device, warmup=3, rep=None, gpu_rep_ms=100):
     """Median milliseconds of ``fn()`` and the 0.2/0.8 quantiles.
 
-    GPU: triton.testing.do_bench (it flushes the L2 cache between runs).
+    GPU: triton.testing.do_bench over about ``gpu_rep_ms`` of runs (it flushes the L2 cache between runs);
+    raise it for functions of tens of milliseconds or more, or the median is of one or two runs.
     CPU: wall-clock over a few repetitions (CPU timings here are indicative only).
     """
     device = torch.device(device)
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        med, q20, q80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+        med, q20, q80 = do_bench(fn, rep=gpu_rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median")
         return med, q20, q80
     for _ in range(warmup):
         fn()

@@ -171,7 +171,7 @@ def main():
         variants.append(("official-style (2 fwd, fp32, loop RAS)", reference_step(s, device, official=True)))
     rows = []
     for name, fn in variants:
-        ms, q20, q80 = time_ms(fn, device)
+        ms, q20, q80 = time_ms(fn, device, gpu_rep_ms=3000)  # a step is ~0.1-1 s: at least a few timed steps
         mem = extra_memory_bytes(fn, device)
         rows.append({"variant": name, "ms": round(ms, 2), "q20_ms": round(q20, 2), "q80_ms": round(q80, 2),
                      "images_per_s": round(s["batch"] * 1e3 / ms, 2), "peak_extra_mem": fmt_bytes(mem),
