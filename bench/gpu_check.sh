@@ -44,11 +44,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 
-if ! stage build 240 python3 -m pip install -q -e . --no-build-isolation --no-deps; then
-  echo "build failed; stopping" | tee -a "$LOG"
-  exit 1
+CUDA_EXT=1
+if stage build 240 python3 -m pip install -q -e . --no-build-isolation --no-deps; then
+  stage import 45 python3 -c "from lgvq_fast import _cuda, _C; print(_cuda.info(), 'binary sm', _C.nearest_code_binary_version(0))"
+else
+  # Without the CUDA extension the Triton kernels, the GPU tests of everything else and the train step still
+  # run: install the pure-Python package and go on (the failed build stays in FAILED).
+  echo "CUDA extension build failed; continuing without it" | tee -a "$LOG"
+  CUDA_EXT=0
+  LGVQ_FAST_BUILD_CUDA=0 stage build-without-cuda 120 python3 -m pip install -q -e . --no-build-isolation --no-deps \
+    || { echo "install failed; stopping" | tee -a "$LOG"; exit 1; }
 fi
-stage import 45 python3 -c "from lgvq_fast import _cuda, _C; print(_cuda.info(), 'binary sm', _C.nearest_code_binary_version(0))"
 
 # Kernel compiles dominate the first GPU test run: spread them over 4 pytest-xdist workers when it is there.
 XDIST=()
@@ -77,7 +83,9 @@ _cuda.ema_update_(torch.rand(K, device="cuda"), torch.randn(K, D, device="cuda")
 torch.cuda.synchronize()
 print("sanitizer case done")
 '
-if [ -n "$SANITIZER" ]; then
+if [ "$CUDA_EXT" = 0 ]; then
+  echo "no CUDA extension: sanitizer skipped" | tee -a "$LOG"
+elif [ -n "$SANITIZER" ]; then
   stage memcheck 60 "$SANITIZER" --tool memcheck --error-exitcode 9 python3 -c "$SMALL_CASE"
   stage racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 9 python3 -c "$SMALL_CASE"
 else
