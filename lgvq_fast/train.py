@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lgvq_fast.data.collate import mix_seed
-from lgvq_fast.train_config import build_config, config_to_dict
+from lgvq_fast.train_config import build_config, config_to_dict, validate_config
 from lgvq_fast.train_utils import (
     CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, place_models, print0, restore_rng,
     run_cli,
@@ -148,6 +148,7 @@ def train(cfg):
     from lgvq_fast.eval import save_recon_grid, save_usage_histogram
 
     t0 = time.perf_counter()
+    validate_config(cfg)  # also for configs built in code, not by build_config
     t, m = cfg.train, cfg.model
     rank, world, _, device = init_distributed(t.device)
     is_main = rank == 0

@@ -201,6 +201,16 @@ def test_bad_config_names_the_field(argv, culprit):
     assert culprit in str(info.value)
 
 
+def test_train_validates_configs_built_in_code(tmp_path):
+    from lgvq_fast.train_config import PRESETS, ConfigError
+
+    cfg = PRESETS["tiny-cpu"]()
+    cfg.train.out, cfg.train.steps = str(tmp_path), -5
+    with pytest.raises(ConfigError, match="train.steps must be a positive integer, got -5"):
+        train_mod.train(cfg)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the configuration is checked"
+
+
 def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LGVQ_TRACEBACK", raising=False)
     for argv, culprit in [(["--config", "imagenet"], "unknown --config 'imagenet'"),
