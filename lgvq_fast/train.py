@@ -189,6 +189,14 @@ def train(cfg):
                        f"{state['epoch']}, but its data order differs from an uninterrupted run")
             print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     if t.compile:
+        # The adaptive GAN weight differentiates the compiled graph twice (torch.autograd.grad with
+        # retain_graph=True, then backward); AOTAutograd's donated buffers forbid that, so turn them off.
+        # A warm AOTAutograd disk cache replays one of this graph's output aliases with a garbage shape in the next
+        # process (torch 2.13, CPU: "shape [...] is invalid for input of size ..."); the FX graph cache stays on.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+        functorch_config.enable_autograd_cache = False
         model = torch.compile(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

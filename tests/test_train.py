@@ -167,6 +167,23 @@ def test_ddp_two_ranks_identical_codebooks(tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
+def test_compile_trains_and_reruns_with_warm_caches(tmp_path, monkeypatch):
+    """--compile: the adaptive GAN weight differentiates the compiled graph twice (donated buffers must be off),
+    and a second process on the warm compile caches trains too (the AOTAutograd cache must be off)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    summary = _run(tmp_path / "a", "--steps", "3", "--compile")
+    assert summary["step"] == 3 and summary["val_psnr_end"] == summary["val_psnr_end"]
+    state = CheckpointIO.load(CheckpointIO(str(tmp_path / "a")).latest())
+    assert not any(k.startswith("_orig_mod.") for k in state["model"]), "compiled wrapper's keys saved"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "lgvq_fast", "train.py"), *TINY, "--steps", "3",
+                           "--compile", "--out", str(tmp_path / "b")], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in _rows(tmp_path / "b") if "total" in r]
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
+
+
 def test_set_override_parsing():
     from lgvq_fast.train_config import build_config
 
