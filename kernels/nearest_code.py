@@ -25,20 +25,16 @@ benchmark as a faster candidate. The CPU interpreter (Triton 3.9) multiplies bf1
 their raw uint16 bit patterns, so under TRITON_INTERPRET the fast path rounds
 the operands to bf16 and multiplies them as fp32 (the same products, exactly).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from lgvq_fast import _alloc
+from lgvq_fast._backend import env_flag, triton_interpret as _interpret
 
 # Same eps as lgvq_fast.reference.nearest_code.COS_EPS (torch.nn.functional.normalize's default).
 COS_EPS = 1e-12
-
-
-def _interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _configs():
@@ -95,7 +91,7 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = kept or configs[:1]
     # Each config is a separate compile (a second or more) the first time a shape is seen: tests and quick
     # checks can ask for the first surviving config only.
-    if os.environ.get("LGVQ_FAST_TRITON_AUTOTUNE", "1") in ("0", ""):
+    if not env_flag("LGVQ_FAST_TRITON_AUTOTUNE", default=True):
         kept = kept[:1]
     return kept
 

@@ -5,11 +5,11 @@ variable ``LGVQ_FAST_POISON=1`` (set by the test suite) outputs start as NaN
 (floating point) or the most negative integer, so a kernel that forgets to
 write an element fails the comparison instead of passing on leftover memory.
 """
-import os
-
 import torch
 
-_POISON = os.environ.get("LGVQ_FAST_POISON", "0") not in ("", "0")
+from lgvq_fast._backend import env_flag
+
+_POISON = env_flag("LGVQ_FAST_POISON")
 
 
 def poison_enabled():

@@ -12,6 +12,14 @@ import torch
 IMPLS = ("auto", "reference", "triton", "cuda")
 
 
+def env_flag(name, default=False):
+    """A boolean environment switch: unset gives ``default``; ``""`` and ``"0"`` are off, anything else on."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def triton_import_error():
     """Return None when triton imports, else the reason it does not."""
@@ -29,13 +37,13 @@ def triton_available():
 
 def triton_interpret():
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_flag("TRITON_INTERPRET")
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_ext_import_error():
     """Return None when the compiled extension lgvq_fast._C imports, else why not."""
-    if os.environ.get("LGVQ_FAST_DISABLE_CUDA_EXT", "0") not in ("", "0"):
+    if env_flag("LGVQ_FAST_DISABLE_CUDA_EXT"):
         return "disabled by LGVQ_FAST_DISABLE_CUDA_EXT"
     try:
         importlib.import_module("lgvq_fast._C")

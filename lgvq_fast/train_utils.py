@@ -25,12 +25,13 @@ def run_cli(main, prog, argv=None):
     """Run ``main(argv)`` for the command line: a bad configuration or a missing file (data folder, text encoder
     folder, checkpoint) is printed as one ``<prog>: error:`` line with exit status 2 instead of a traceback; set
     ``LGVQ_TRACEBACK=1`` to see the traceback. Every other exception propagates unchanged."""
+    from lgvq_fast._backend import env_flag
     from lgvq_fast.train_config import ConfigError
 
     try:
         return main(argv)
     except (ConfigError, FileNotFoundError) as e:
-        if os.environ.get("LGVQ_TRACEBACK", "0") not in ("", "0"):
+        if env_flag("LGVQ_TRACEBACK"):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
