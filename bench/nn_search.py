@@ -205,10 +205,9 @@ def main(argv=None):
         print("CPU run: only the PyTorch reference rows are timed; the Triton and CUDA kernels need a GPU.")
     rows = []
     extra = {"metric": args.metric, "truth_rows": args.truth_rows}
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         rows.extend(bench_shape(shape, args.metric, device, args.truth_rows))
-        done = {r["shape"] for r in rows}
-        path = write_results("nn_search", device, rows, extra={**extra, "complete": len(done) == len(shapes)})
+        path = write_results("nn_search", device, rows, extra={**extra, "complete": i == len(shapes) - 1})
         print(f"{shape}: {len(rows)} rows so far, written to {path}", flush=True)
     columns = [
         ("shape", "N x K x D"),
