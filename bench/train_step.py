@@ -10,8 +10,12 @@ detached reconstruction. "reference" follows the official structure in the same 
 discriminator pass re-encodes the text and recomputes the whole generator forward and its reconstruction
 losses before the D loss (spec §5.4, B8); it uses this package's fused ops, so its ratio isolates the step
 structure and precision. "official-style" is the same two-pass fp32 step with the official op formulations
-as well: PyTorch nearest-code search and codebook update (the reference path) and the RAS loss as a Python
-loop over word positions. All variants share one model, so their outputs agree (checked in tests).
+as well: PyTorch nearest-code search and codebook update (the reference path), the RAS loss as a Python loop
+over word positions and swish as ``x * sigmoid(x)``. All variants share one model, so their outputs agree
+(checked in tests). Every variant runs under the same backend flags (cuDNN autotuning on, TF32 allowed for fp32
+convolutions and matrix products: the fastest fp32 setting for the two-pass arms).
+
+``--profile DIR`` also writes DIR/train_step_profile_<card>.txt: the torch.profiler table of three "ours" steps.
 """
 import argparse
 import contextlib
@@ -110,14 +114,21 @@ def official_ops(model):
     reference path) and the RAS loss as a Python loop over word positions (bench/relation.py)."""
     import lgvq_fast.ops
     from bench.relation import word_loop_loss
+    from lgvq_fast.models import vqgan
 
     quantizer = model.quantizer
-    saved = quantizer.impl, lgvq_fast.ops.relation_loss
+    saved = quantizer.impl, lgvq_fast.ops.relation_loss, vqgan.swish
     quantizer.impl, lgvq_fast.ops.relation_loss = "reference", word_loop_loss
+    vqgan.swish = _two_op_swish
     try:
         yield
     finally:
-        quantizer.impl, lgvq_fast.ops.relation_loss = saved
+        quantizer.impl, lgvq_fast.ops.relation_loss, vqgan.swish = saved
+
+
+def _two_op_swish(x):
+    """The official swish, ``x * sigmoid(x)`` (two kernels, an extra saved tensor)."""
+    return x * torch.sigmoid(x)
 
 
 def reference_step(s, device, official=False):
@@ -151,6 +162,29 @@ def reference_step(s, device, official=False):
     return fn
 
 
+def write_profile(fn, device, out_dir):
+    """torch.profiler over three calls of ``fn`` (after one warm-up): the operators by device time, then by CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    avg = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in device_name(device)).strip("_").lower()
+    path = os.path.join(out_dir, f"train_step_profile_{slug}.txt")
+    with open(path, "w") as f:
+        f.write(f"three 'ours' steps on {device_name(device)}\n")
+        f.write(avg.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70) + "\n")
+    print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,11 +192,14 @@ def main():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--tag", default="", help="results file name: train_step[_TAG]_<card>.json")
+    p.add_argument("--profile", metavar="DIR", help="write the profiler table of three 'ours' steps to DIR")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # what lgvq_fast.train sets on CUDA (train.cudnn_benchmark)
     s = setup(device, args)
     compiled = torch.compile(s["model"]) if args.compile else s["model"]
     variants = [("ours (1 fwd, bf16)" if device.type == "cuda" else "ours (1 fwd)", ours_step(s, device, compiled))]
@@ -179,6 +216,8 @@ def main():
     if len(rows) == 3:
         rows[0]["speedup_vs_reference"] = round(rows[1]["ms"] / rows[0]["ms"], 2)
         rows[0]["speedup_vs_official_style"] = round(rows[2]["ms"] / rows[0]["ms"], 2)
+    if args.profile:
+        write_profile(variants[0][1], device, args.profile)
     cfg = s["cfg"]
     shape = {"batch": s["batch"], "resolution": cfg.resolution, "codebook_size": cfg.codebook_size,
              "embed_dim": cfg.embed_dim, "text_len": cfg.max_text_len, "gan_active": True,
@@ -188,7 +227,8 @@ def main():
     print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),
                        ("peak_extra_mem", "peak extra mem"), ("speedup_vs_reference", "vs reference"),
                        ("speedup_vs_official_style", "vs official-style")])
-    path = write_results("train_step", device, rows, extra={"shape": shape})
+    name = "train_step" + (f"_{args.tag}" if args.tag else "")
+    path = write_results(name, device, rows, extra={"shape": shape})
     print(f"wrote {path}")
 
 

@@ -158,6 +158,8 @@ def train(cfg):
     raw_model, raw_disc = model, loss_mod.discriminator
     train_ds, val_ds, sampler, loader = make_loaders(cfg, text_encoder, rank, world)
     use_amp = device.type == "cuda" and t.amp == "bf16"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)

@@ -52,6 +52,7 @@ class TrainConfig:
     amp: str = "bf16"
     compile: bool = False
     channels_last: bool = False
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms (the shapes are fixed)
     find_unused_parameters: bool = False
     progress: bool = True
 

@@ -63,11 +63,12 @@ def capture_rng(device):
 
 
 def restore_rng(state, device):
-    torch.set_rng_state(state["torch"])
+    # Both setters take a CPU ByteTensor; a checkpoint loaded with map_location="cuda" holds them on the GPU.
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class CheckpointIO:

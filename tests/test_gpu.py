@@ -134,7 +134,12 @@ def test_gpu_nearest_code_is_deterministic_and_handles_strides(impl):
     wide = torch.randn(4097, 300, device=DEV)
     wide[:, :256] = z
     strided = nearest_code(wide[:, :256], codebook, "l2", "exact", impl)
-    assert torch.equal(strided[0], first[0]) and torch.equal(strided[1], first[1])
+    _check(z, codebook, strided[0], strided[1], "l2", "exact")
+    # Same codes. The distances may differ in the last bits: Triton compiles a separate specialisation for a
+    # row stride not divisible by 16 (300 here), whose load layout sums ||z||^2 in another order (seen on H200).
+    assert torch.equal(strided[0], first[0])
+    z_sq = z.double().pow(2).sum(1)
+    assert ((strided[1].double() - first[1].double()).abs() <= 1e-5 * (z_sq + 1)).all()
 
 
 @needs_ext

@@ -489,3 +489,42 @@ def test_lgvq_bf16_autocast_step(tiny_text):
 def test_nvtx_range_is_noop_on_cpu():
     with nvtx_range("encoder", "cpu"):
         pass
+
+
+def test_text_batch_predict_index_is_masked_real_tokens():
+    b, length = 5, 11
+    pad = torch.arange(length)[None, :] < torch.randint(1, length + 1, (b, 1))
+    mlm = torch.rand(b, length) < 0.5  # also on padding: those must not be predicted
+    batch = TextBatch(torch.randint(0, 50, (b, length)), pad, mlm)
+    want = (mlm & pad).flatten().nonzero().squeeze(1)
+    assert torch.equal(batch.predict_index(), want)
+    moved = TextBatch(batch.input_ids, pad, mlm).to("meta")  # another device: the index is found on the CPU first
+    assert moved._predict_index is not None and moved._predict_index.device.type == "meta"
+    assert moved._predict_index.shape == want.shape
+    empty = TextBatch(batch.input_ids, pad, torch.zeros_like(mlm))
+    assert empty.predict_index().numel() == 0
+
+
+def test_groupnorm_keeps_the_autocast_dtype():
+    from lgvq_fast.models.vqgan import GroupNorm
+
+    gn = GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    plain = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    plain.load_state_dict(gn.state_dict())
+    x = torch.randn(3, 32, 6, 5) * 3 + 1
+    assert torch.equal(gn(x), plain(x))  # outside autocast: nn.GroupNorm exactly
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gn(x1)
+    assert out.dtype == torch.bfloat16
+    ref = plain(x2)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(ref)
+    out.float().backward(g)
+    ref.backward(g)
+    assert gn.weight.grad.dtype == torch.float32 and gn.bias.grad.dtype == torch.float32
+    for a, b_ in ((gn.weight.grad, plain.weight.grad), (gn.bias.grad, plain.bias.grad), (x1.grad, x2.grad)):
+        torch.testing.assert_close(a, b_, rtol=3e-2, atol=3e-2 * b_.abs().max().item())

@@ -205,8 +205,8 @@ class SemanticAlignment(nn.Module):
         x = torch.where(sel.unsqueeze(-1), self.mask_vectors[:length].to(token_feats.dtype), token_feats)
         x = x * pad.unsqueeze(-1).to(x.dtype)
         h = self.decoder(x.to(vt_out.dtype), vt_out, pad)
-        # one index list for both gathers: a single host sync for the data-dependent count M
-        flat_idx = sel.flatten().nonzero().squeeze(1)
+        # one index list for both gathers (found on the CPU before the batch moved: no host sync)
+        flat_idx = batch.predict_index()
         h_sel = h.flatten(0, 1).index_select(0, flat_idx)  # [M, C]
         target = batch.input_ids.flatten().index_select(0, flat_idx)
         logits = self.mlm_head(h_sel)  # [M, V]

@@ -18,7 +18,7 @@ carries ``token_feats_full``:
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -39,14 +39,31 @@ class TextBatch:
     pad_mask: torch.Tensor  # [B, L] bool
     mlm_mask: torch.Tensor  # [B, L] bool
     mask_ratio: float = float("nan")
+    # Flat indices of the positions to predict (mlm_mask & pad_mask), found on the CPU when the batch moves to
+    # another device, so the masked-text loss needs no device-to-host sync for its data-dependent count.
+    _predict_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to(self, device, non_blocking: bool = False) -> "TextBatch":
+        index = self._predict_index
+        if torch.device(device) != self.mlm_mask.device:
+            if self.mlm_mask.device.type == "cpu":
+                index = self.predict_index().to(device, non_blocking=non_blocking)
+            elif index is not None:
+                index = index.to(device, non_blocking=non_blocking)
         return TextBatch(
             input_ids=self.input_ids.to(device, non_blocking=non_blocking),
             pad_mask=self.pad_mask.to(device, non_blocking=non_blocking),
             mlm_mask=self.mlm_mask.to(device, non_blocking=non_blocking),
             mask_ratio=self.mask_ratio,
+            _predict_index=index,
         )
+
+    def predict_index(self) -> torch.Tensor:
+        """int64 ``[M]``: flat (``b * L + l``) indices of the masked real tokens, in increasing order."""
+        if self._predict_index is None:
+            # One host sync on an accelerator (the count M is data-dependent); none on the CPU.
+            self._predict_index = (self.mlm_mask & self.pad_mask).flatten().nonzero().squeeze(1)
+        return self._predict_index
 
     def __len__(self):
         return self.input_ids.shape[0]

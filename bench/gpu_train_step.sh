@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train-step study on a lent GPU (one device call): build, re-run the GPU tests of the trainer and of strided
+# search, then bench/train_step.py at the paper shape with all arms and a profiler table, and "ours" alone
+# with channels_last, and with torch.compile + channels_last. Results and logs go to $OUT.
+# Budget: TRAIN_STEP_BUDGET seconds (default 300); the compile variant gets what is left.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench/results/gpu_train_step}"
+export OUT PYTHONUNBUFFERED=1 LGVQ_FAST_BUILD_CUDA=1
+BUDGET="${TRAIN_STEP_BUDGET:-300}"
+mkdir -p "$OUT"
+LOG="$OUT/log_train_step.txt"
+: >"$LOG"
+run() {  # run NAME LIMIT CMD...: limit capped by what is left of the budget
+  local name="$1" limit="$2"; shift 2
+  local left=$((BUDGET - SECONDS - 5))
+  if [ "$left" -lt 15 ]; then echo "=== $name: skipped (${left}s left) ===" | tee -a "$LOG"; return 124; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s, at ${SECONDS}s) ===" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "=== $name: rc=${PIPESTATUS[0]} at ${SECONDS}s ===" | tee -a "$LOG"
+}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+run build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
+run tests 60 python3 -m pytest -q -x --no-header -p no:cacheprovider \
+  "tests/test_gpu.py::test_gpu_nearest_code_is_deterministic_and_handles_strides" \
+  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast"
+run train_step 70 python3 bench/train_step.py --profile "$OUT"
+run train_step_cl 40 python3 bench/train_step.py --skip-reference --channels-last --tag channels_last
+run train_step_compile 400 python3 bench/train_step.py --skip-reference --compile --channels-last --tag compile_channels_last
+grep -h "^ours\|^reference\|^official" "$LOG"
