@@ -67,6 +67,7 @@ def random_text_batch(batch, length, vocab, eos, generator):
 
 def setup(device, args):
     from lgvq_fast.models import PerceptualLoss, TextEncoder, build_model, preset
+    from lgvq_fast.train import make_optimizers
     from lgvq_fast.train_utils import DiscSwap, place_models
 
     gen = torch.Generator().manual_seed(0)
@@ -86,11 +87,13 @@ def setup(device, args):
     place_models(device, args.channels_last, text_encoder, model, loss_mod)
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, generator=gen).mul_(2).sub_(1).to(device)
     text = random_text_batch(batch, cfg.max_text_len, text_encoder.vocab_size, eos, gen)
+    # "ours" uses the trainer's optimizers (fused Adam on CUDA); the official arms the default Adam they ship with
+    ours_opt_g, ours_opt_d = make_optimizers(model, loss_mod, 1e-5, (0.5, 0.9), device)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9))
     swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
     return dict(cfg=cfg, text_encoder=text_encoder, model=model, loss_mod=loss_mod, x=x, text=text,
-                opt_g=opt_g, opt_d=opt_d, swap=swap, batch=batch)
+                opt_g=opt_g, opt_d=opt_d, ours_opt_g=ours_opt_g, ours_opt_d=ours_opt_d, swap=swap, batch=batch)
 
 
 def ours_step(s, device, compiled):
@@ -102,8 +105,8 @@ def ours_step(s, device, compiled):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def fn():
-        train_step(compiled, s["model"], s["loss_mod"], s["swap"], s["opt_g"], s["opt_d"], s["text_encoder"],
-                   s["x"], s["text"], 10**9, autocast, s["cfg"])
+        train_step(compiled, s["model"], s["loss_mod"], s["swap"], s["ours_opt_g"], s["ours_opt_d"],
+                   s["text_encoder"], s["x"], s["text"], 10**9, autocast, s["cfg"])
 
     return fn
 
@@ -201,7 +204,12 @@ def main():
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # what lgvq_fast.train sets on CUDA (train.cudnn_benchmark)
     s = setup(device, args)
-    compiled = torch.compile(s["model"]) if args.compile else s["model"]
+    if args.compile:
+        from lgvq_fast.train import compile_model
+
+        compiled = compile_model(s["model"])
+    else:
+        compiled = s["model"]
     variants = [("ours (1 fwd, bf16)" if device.type == "cuda" else "ours (1 fwd)", ours_step(s, device, compiled))]
     if not args.skip_reference:
         variants.append(("reference (2 fwd, fp32)", reference_step(s, device)))

@@ -354,3 +354,21 @@ def test_tiny_run_on_gpu_with_bf16_autocast(tmp_path):
     state = CheckpointIO.load(CheckpointIO(str(out)).latest())
     assert summary["step"] == 6 and state["step"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_make_optimizers_fuses_adam_on_cuda_only():
+    from lgvq_fast.train import make_optimizers
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)  # frozen parameters stay out of the generator's optimizer
+    loss_mod = torch.nn.Module()
+    loss_mod.discriminator = torch.nn.Linear(2, 1)
+    opt_g, opt_d = make_optimizers(model, loss_mod, 1e-3, (0.5, 0.9), "cpu")
+    assert not opt_g.defaults.get("fused") and not opt_d.defaults.get("fused")
+    assert sum(len(g["params"]) for g in opt_g.param_groups) == 3
+    assert opt_g.defaults["betas"] == (0.5, 0.9) and opt_d.defaults["lr"] == 1e-3
+    # on CUDA the fused Adam (PyTorch also runs it on CPU tensors, so the choice can be checked here)
+    opt_g, opt_d = make_optimizers(model, loss_mod, 1e-3, (0.5, 0.9), torch.device("cuda"))
+    assert opt_g.defaults["fused"] is True and opt_d.defaults["fused"] is True
+    model(torch.randn(5, 3)).sum().backward()
+    opt_g.step()  # runs
