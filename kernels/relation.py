@@ -1,11 +1,14 @@
 """Triton relationship-alignment loss (LG-VQ spec section 4): fused forward and backward.
 
-Forward, one program per batch element (then a one-program deterministic sum over the batch):
-text norms -> similarity to every vision token, running max/argmax over T in increasing order
-(strict ``>``, lowest index inside a tile, so ties go to the lowest index) -> gather the matched
-code rows -> ``U = normalize(a * G)`` -> ``R_uu = U U^T`` and ``R_tt = Tn Tn^T`` -> the masked
-squared difference summed into one partial per batch element. ``p`` and ``a`` are stored for the
-backward, which recomputes the L x C quantities (cheap) instead of saving them.
+Forward, three launches. (1) One program per (batch element, tile of ``BLOCK_T`` vision tokens): text
+norms -> similarity of every word to the tile's tokens -> the tile's max and its lowest index (written to a
+small ``[B, T / BLOCK_T, L]`` scratch). Splitting T over programs matters: one program per batch element
+walked all T x C in latency-bound steps (0.80 ms at B=64, L=30, T=256, C=512 on an H200, against 0.27 ms
+for the vectorised PyTorch forward). (2) One program per batch element: combine the tiles in increasing
+token order (strict ``>``, so ties go to the lowest index) -> gather the matched code rows ->
+``U = normalize(a * G)`` -> ``R_uu = U U^T`` and ``R_tt = Tn Tn^T`` -> the masked squared difference summed
+into one partial per batch element. (3) A one-program deterministic sum over the batch. ``p`` and ``a`` are
+stored for the backward, which recomputes the L x C quantities (cheap) instead of saving them.
 
 The similarity is a broadcast product reduced with ``tl.sum`` rather than ``tl.dot``: every
 (word, token) pair then goes through the same instruction sequence, so two identical vision tokens
@@ -70,56 +73,90 @@ def _relations(
 
 
 @triton.jit
-def _relation_loss_fwd_kernel(
+def _relation_match_kernel(
     text_ptr,
     vision_ptr,
-    codes_ptr,
-    pad_ptr,
-    p_ptr,
-    a_ptr,
-    partial_ptr,
+    best_ptr,
+    idx_ptr,
     L,
     T,
     C,
+    NT,
     eps,
     BLOCK_L: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_CS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Program (b, j): every word's best cosine similarity and its lowest index over tokens j*BLOCK_T + [0, BLOCK_T)."""
     pid_b = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(1)
     text_base = text_ptr + pid_b * L * C
     vision_base = vision_ptr + pid_b * T * C
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_l = offs_l < L
+    t_den = tl.maximum(_row_norms(text_base, offs_l, mask_l, C, BLOCK_C, BLOCK_L), eps)
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    dot = tl.zeros([BLOCK_L, BLOCK_T], dtype=tl.float32)
+    v_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_CS):
+        offs_c = c0 + tl.arange(0, BLOCK_CS)
+        mask_c = offs_c < C
+        t = tl.load(
+            text_base + offs_l[:, None] * C + offs_c[None, :], mask=mask_l[:, None] & mask_c[None, :], other=0.0
+        ).to(tl.float32)
+        v = tl.load(
+            vision_base + offs_t[:, None] * C + offs_c[None, :], mask=mask_t[:, None] & mask_c[None, :], other=0.0
+        ).to(tl.float32)
+        dot += tl.sum(t[:, None, :] * v[None, :, :], axis=2)
+        v_sq += tl.sum(v * v, axis=1)
+    v_den = tl.maximum(tl.sqrt(v_sq), eps)
+    sim = dot / (t_den[:, None] * v_den[None, :])
+    sim = tl.where(mask_t[None, :], sim, float("-inf"))
+    tile_max, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    out = (pid_b * NT + pid_t) * L + offs_l
+    tl.store(best_ptr + out, tile_max, mask=mask_l)
+    tl.store(idx_ptr + out, tile_arg + pid_t * BLOCK_T, mask=mask_l)
+
+
+@triton.jit
+def _relation_loss_fwd_kernel(
+    text_ptr,
+    codes_ptr,
+    pad_ptr,
+    best_ptr,
+    idx_ptr,
+    p_ptr,
+    a_ptr,
+    partial_ptr,
+    L,
+    T,
+    C,
+    NT,
+    eps,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program b: combine the token tiles' matches, then the relation matrices and this element's partial sum."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    text_base = text_ptr + pid_b * L * C
     codes_base = codes_ptr + pid_b * T * C
     offs_l = tl.arange(0, BLOCK_L)
     mask_l = offs_l < L
     t_den = tl.maximum(_row_norms(text_base, offs_l, mask_l, C, BLOCK_C, BLOCK_L), eps)
 
+    # Tiles in increasing token order with a strict '>': ties go to the lowest index, as inside a tile.
     best = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_L], dtype=tl.int32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        dot = tl.zeros([BLOCK_L, BLOCK_T], dtype=tl.float32)
-        v_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_CS):
-            offs_c = c0 + tl.arange(0, BLOCK_CS)
-            mask_c = offs_c < C
-            t = tl.load(
-                text_base + offs_l[:, None] * C + offs_c[None, :], mask=mask_l[:, None] & mask_c[None, :], other=0.0
-            ).to(tl.float32)
-            v = tl.load(
-                vision_base + offs_t[:, None] * C + offs_c[None, :], mask=mask_t[:, None] & mask_c[None, :], other=0.0
-            ).to(tl.float32)
-            dot += tl.sum(t[:, None, :] * v[None, :, :], axis=2)
-            v_sq += tl.sum(v * v, axis=1)
-        v_den = tl.maximum(tl.sqrt(v_sq), eps)
-        sim = dot / (t_den[:, None] * v_den[None, :])
-        sim = tl.where(mask_t[None, :], sim, float("-inf"))
-        tile_max, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    for j in range(0, NT):
+        part = (pid_b * NT + j) * L + offs_l
+        tile_max = tl.load(best_ptr + part, mask=mask_l, other=float("-inf"))
+        tile_idx = tl.load(idx_ptr + part, mask=mask_l, other=0)
         better = tile_max > best
         best = tl.where(better, tile_max, best)
-        best_idx = tl.where(better, tile_arg + t0, best_idx)
+        best_idx = tl.where(better, tile_idx, best_idx)
 
     a = tl.where(mask_l, best, 0.0)
     p = tl.where(mask_l, best_idx, 0).to(tl.int64)
@@ -240,10 +277,17 @@ def relation_loss_fwd(text_feats, vision_tokens, codes, pad, eps):
     a = _alloc.empty((B, L), torch.float32, device)
     partial = _alloc.empty((B,), torch.float32, device)
     BLOCK_L, BLOCK_T, BLOCK_CS, BLOCK_C = _blocks(L, C)
+    NT = triton.cdiv(T, BLOCK_T)
+    tile_best = _alloc.empty((B, NT, L), torch.float32, device)
+    tile_idx = _alloc.empty((B, NT, L), torch.int32, device)
+    _relation_match_kernel[(B, NT)](
+        text_feats, vision_tokens, tile_best, tile_idx, L, T, C, NT, eps,
+        BLOCK_L=BLOCK_L, BLOCK_T=BLOCK_T, BLOCK_CS=BLOCK_CS, BLOCK_C=BLOCK_C, num_warps=4,
+    )
     num_warps = 4 if BLOCK_L <= 32 else 8
     _relation_loss_fwd_kernel[(B,)](
-        text_feats, vision_tokens, codes, pad, p, a, partial, L, T, C, eps,
-        BLOCK_L=BLOCK_L, BLOCK_T=BLOCK_T, BLOCK_CS=BLOCK_CS, BLOCK_C=BLOCK_C, num_warps=num_warps,
+        text_feats, codes, pad, tile_best, tile_idx, p, a, partial, L, T, C, NT, eps,
+        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
     _relation_loss_reduce_kernel[(1,)](partial, loss, B, 1.0 / (B * L * L), BLOCK_B=1024)
     return loss, p, a

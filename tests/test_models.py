@@ -491,6 +491,25 @@ def test_nvtx_range_is_noop_on_cpu():
         pass
 
 
+def test_nvtx_range_on_cuda_pushes_except_while_compiling(monkeypatch):
+    import contextlib
+    import types
+
+    from lgvq_fast.models import _nvtx
+
+    calls = []
+    fake = types.SimpleNamespace(annotate=lambda name, domain: calls.append((name, domain)) or contextlib.nullcontext())
+    monkeypatch.setattr(_nvtx, "_NVTX", fake)
+    monkeypatch.setattr(_nvtx, "_CHECKED", True)
+    with nvtx_range("encoder", "cuda"):
+        pass
+    assert calls == [("encoder", "lgvq_fast")]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with nvtx_range("decoder", "cuda"):
+        pass
+    assert calls == [("encoder", "lgvq_fast")], "a range pushed while torch.compile traces breaks the graph"
+
+
 def test_text_batch_predict_index_is_masked_real_tokens():
     b, length = 5, 11
     pad = torch.arange(length)[None, :] < torch.randint(1, length + 1, (b, 1))

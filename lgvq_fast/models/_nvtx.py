@@ -1,7 +1,7 @@
 """NVTX ranges that cost nothing when profiling is not possible.
 
 ``nvtx_range(name, device)`` pushes a range only when the ``nvtx`` package imports and the work runs on a
-CUDA device; everywhere else it is a ``contextlib.nullcontext``.
+CUDA device outside torch.compile's tracing; everywhere else it is a ``contextlib.nullcontext``.
 """
 import contextlib
 
@@ -25,8 +25,9 @@ def _nvtx_module():
 
 
 def nvtx_range(name: str, device):
-    """Context manager annotating ``name`` for Nsight Systems; a no-op off CUDA or without ``nvtx``."""
-    if torch.device(device).type != "cuda":
+    """Context manager annotating ``name`` for Nsight Systems; a no-op off CUDA, without ``nvtx``, and while
+    torch.compile traces (the push and pop are calls it cannot trace: each would break the graph in two)."""
+    if torch.device(device).type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     mod = _nvtx_module()
     if mod is None:
