@@ -2,6 +2,7 @@
 
     python bench/train_step.py              # GPU: paper shape; CPU: the tiny-cpu preset
     python bench/train_step.py --compile --channels-last
+    python bench/train_step.py --skip-reference --compile blocks --channels-last
 
 GPU: batch 8, 256x256, K=1024, D=256, text length 30, a randomly initialised CLIP ViT-B/32-shaped text tower
 (same FLOPs as the real one, no weights needed) and a randomly initialised VGG16 perceptual net.
@@ -191,13 +192,16 @@ def write_profile(fn, device, out_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"), default=None,
+                   help="torch.compile 'ours' like the trainer's --compile (whole model, or each VQGAN block)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--tag", default="", help="results file name: train_step[_TAG]_<card>.json")
     p.add_argument("--profile", metavar="DIR", help="write the profiler table of three 'ours' steps to DIR")
     args = p.parse_args()
+    if args.compile == "blocks" and not args.skip_reference:
+        p.error("--compile blocks compiles the model all arms share in place: use it with --skip-reference")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -207,7 +211,7 @@ def main():
     if args.compile:
         from lgvq_fast.train import compile_model
 
-        compiled = compile_model(s["model"])
+        compiled = compile_model(s["model"], args.compile)
     else:
         compiled = s["model"]
     variants = [("ours (1 fwd, bf16)" if device.type == "cuda" else "ours (1 fwd)", ours_step(s, device, compiled))]
@@ -229,7 +233,7 @@ def main():
     cfg = s["cfg"]
     shape = {"batch": s["batch"], "resolution": cfg.resolution, "codebook_size": cfg.codebook_size,
              "embed_dim": cfg.embed_dim, "text_len": cfg.max_text_len, "gan_active": True,
-             "perceptual": s["loss_mod"].perceptual is not None, "compile": args.compile,
+             "perceptual": s["loss_mod"].perceptual is not None, "compile": args.compile or False,
              "channels_last": args.channels_last}
     print(f"train step on {device_name(device)}: {shape}")
     print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),

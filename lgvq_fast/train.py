@@ -111,19 +111,39 @@ def build_everything(cfg, device, world):
     return text_encoder, model, loss_mod, opt_g, opt_d, lr
 
 
-def compile_model(model):
-    """``torch.compile(model)`` with the settings the training step needs.
+def compile_model(model, scope="model"):
+    """torch.compile with the settings the training step needs; returns the model to call.
+
+    ``scope="model"``: ``torch.compile(model)``, one graph (a wrapper; its ``_orig_mod`` is ``model``).
+    ``scope="blocks"``: every VQGAN ``ResnetBlock`` and ``AttnBlock`` is compiled in place with static shapes
+    and ``model`` itself is returned. Blocks of one shape share their compiled code, so this compiles faster
+    (about half the time of the whole model on CPU at 64 px, 36 blocks) and loses only fusion across blocks.
+    Each distinct block shape and grad mode is one more compile, so the recompile limit is raised to cover them.
 
     The adaptive GAN weight differentiates the compiled graph twice (torch.autograd.grad with retain_graph=True,
     then backward); AOTAutograd's donated buffers forbid that, so they are turned off. A warm AOTAutograd disk
     cache replays one of this graph's output aliases with a garbage shape in the next process (torch 2.13, CPU:
     "shape [...] is invalid for input of size ..."), so that cache is off too; the FX graph cache stays on.
     """
+    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
+
+    from lgvq_fast.models.vqgan import AttnBlock, ResnetBlock
 
     functorch_config.donated_buffer = False
     functorch_config.enable_autograd_cache = False
-    return torch.compile(model)
+    if scope == "model":
+        return torch.compile(model)
+    if scope != "blocks":
+        raise ValueError(f"compile scope must be 'model' or 'blocks', got {scope!r}")
+    blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
+    # automatic dynamic shapes would make one symbolic graph for blocks of different sizes (slower kernels, and
+    # an inductor sympy error was seen with torch 2.13); static shapes cost one compile per distinct shape
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(blocks) + 8)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * len(blocks) + 64)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return model
 
 
 def make_optimizers(model, loss_mod, lr, betas, device):
@@ -218,7 +238,7 @@ def train(cfg):
                        f"{state['epoch']}, but its data order differs from an uninterrupted run")
             print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     if t.compile:
-        model = compile_model(model)
+        model = compile_model(model, t.compile_scope)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -417,7 +437,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad-samples", action="store_true")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (before the DDP wrap)")
+    p.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"), default=None,
+                   help="torch.compile the model (before the DDP wrap): the whole model as one graph (default), or "
+                        "each VQGAN block on its own ('--compile blocks': compiles faster)")
     p.add_argument("--data-root", help="dataset folder (CUB, CelebA-HQ)")
     p.add_argument("--image-dir", help="COCO image folder")
     p.add_argument("--annotations", help="COCO captions annotation JSON")

@@ -51,6 +51,9 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "bf16"
     compile: bool = False
+    # what torch.compile covers: "model" (one graph of the whole model) or "blocks" (each VQGAN ResnetBlock and
+    # AttnBlock on its own, static shapes: blocks of one shape share their compiled code, so it compiles faster)
+    compile_scope: str = "model"
     channels_last: bool = False
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms (the shapes are fixed)
     find_unused_parameters: bool = False
@@ -163,8 +166,9 @@ def build_config(args):
         cfg.model.use_text_losses = False
     if getattr(args, "skip_bad_samples", False):
         cfg.data.skip_bad_samples = True
-    if getattr(args, "compile", False):
+    if getattr(args, "compile", None):
         cfg.train.compile = True
+        cfg.train.compile_scope = args.compile
     if getattr(args, "no_progress", False):
         cfg.train.progress = False
     for assignment in getattr(args, "set", []) or []:
@@ -191,6 +195,8 @@ def validate_config(cfg):
     for name, value in {"train.lr": t.lr, "train.base_lr": t.base_lr}.items():
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    if t.compile_scope not in ("model", "blocks"):
+        raise ConfigError(f"train.compile_scope (--compile SCOPE) must be model or blocks, got {t.compile_scope!r}")
     if t.amp not in ("bf16", "none"):
         raise ConfigError(f"train.amp must be bf16 (autocast on GPU) or none, got {t.amp!r}")
     if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
