@@ -6,11 +6,12 @@
 
 GPU: batch 8, 256x256, K=1024, D=256, text length 30, a randomly initialised CLIP ViT-B/32-shaped text tower
 (same FLOPs as the real one, no weights needed) and a randomly initialised VGG16 perceptual net.
-"ours" is ``lgvq_fast.train.train_step``: bf16 autocast, one generator forward per step, D trained on the
-detached reconstruction. "reference" follows the official structure in the same process: fp32, and the
-discriminator pass re-encodes the text and recomputes the whole generator forward and its reconstruction
-losses before the D loss (spec §5.4, B8); it uses this package's fused ops, so its ratio isolates the step
-structure and precision. "official-style" is the same two-pass fp32 step with the official op formulations
+"ours" is ``lgvq_fast.train.train_step`` with the trainer's optimisers (``make_optimizers``: fused Adam on
+CUDA): bf16 autocast, one generator forward per step, D trained on the detached reconstruction. "reference"
+follows the official structure in the same process with plain Adam: fp32, and the discriminator pass
+re-encodes the text and recomputes the whole generator forward and its reconstruction losses before the D
+loss (spec §5.4, B8); it uses this package's fused ops, so its ratio isolates the step structure, precision
+and optimiser. "official-style" is the same two-pass fp32 step with the official op formulations
 as well: PyTorch nearest-code search and codebook update (the reference path), the RAS loss as a Python loop
 over word positions and swish as ``x * sigmoid(x)``. All variants share one model, so their outputs agree
 (checked in tests). Every variant runs under the same backend flags (cuDNN autotuning on, TF32 allowed for fp32
