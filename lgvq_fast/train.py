@@ -139,8 +139,11 @@ def compile_model(model, scope="model"):
     blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
     # automatic dynamic shapes would make one symbolic graph for blocks of different sizes (slower kernels, and
     # an inductor sympy error was seen with torch 2.13); static shapes cost one compile per distinct shape
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(blocks) + 8)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * len(blocks) + 64)
+    for name, least in (("recompile_limit", 4 * len(blocks) + 8), ("cache_size_limit", 4 * len(blocks) + 8),
+                        ("accumulated_recompile_limit", 8 * len(blocks) + 64),
+                        ("accumulated_cache_size_limit", 8 * len(blocks) + 64)):
+        if hasattr(dynamo_config, name):  # older torch names them cache_size_limit / accumulated_cache_size_limit
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), least))
     for block in blocks:
         block.compile(dynamic=False)
     return model
