@@ -6,6 +6,7 @@
 # runs under min(its own limit, what is left of the budget), a stage with under 20 s left is skipped and
 # reported, and the summary always prints. Exits non-zero if any stage failed or was skipped.
 # Wheels missing on the machine can travel in .whl/ (see the device notes); they are installed first.
+# GPU_CHECK_SKIP="nn_search ema" leaves those stages out (e.g. kernels unchanged since their last measurement).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/results/gpu_check}"
@@ -21,6 +22,10 @@ RESERVE=15  # for the summary
 stage() {
   local name="$1" limit="$2"
   shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    echo "=== $name: skipped (GPU_CHECK_SKIP) ===" | tee -a "$LOG"
+    return 0
+  fi
   local left=$((BUDGET - SECONDS - RESERVE))
   if [ "$left" -lt 20 ]; then
     echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left ===" | tee -a "$LOG"
