@@ -299,8 +299,12 @@ def relation_loss_bwd(grad, text_feats, codes, pad, p, a, eps):
     T = codes.shape[1]
     dcodes = _alloc.empty(codes.shape, codes.dtype, codes.device)
     BLOCK_L, _, _, BLOCK_C = _blocks(L, C)
+    # Narrower C chunks and 8 warps keep the L x L tiles and the chunk's rows in registers: the sm_90 compile
+    # check (Triton 3.6) went from 255 registers + 200 B of stack at L=30 and 880-984 B at L=64 to no stack at
+    # L=30 and at most 16 B at L=64. Not yet timed on a GPU.
+    BLOCK_C = min(BLOCK_C, 32 if BLOCK_L <= 32 else 16)
     BLOCK_T = 32
-    num_warps = 4 if BLOCK_L <= 32 else 8
+    num_warps = 4 if BLOCK_L <= 16 else 8
     _relation_loss_bwd_kernel[(B,)](
         grad, text_feats, codes, pad, p, a, dcodes, L, T, C, eps, 4.0 / (B * L * L),
         BLOCK_L=BLOCK_L, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps,

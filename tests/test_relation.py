@@ -8,8 +8,9 @@ from lgvq_fast.reference import relation as ref
 
 CPU_IMPLS = ["reference"] + (["triton"] if _backend.triton_available() else [])
 needs_triton = pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
-# (B, L, T, C): non-powers of two; one word and one token; L beyond one 16-row tile; C over several tiles.
-SHAPES = [(3, 7, 50, 77), (2, 1, 1, 16), (2, 30, 33, 40), (1, 17, 9, 130)]
+# (B, L, T, C): non-powers of two; one word and one token; L beyond one 16-row tile; C over several tiles;
+# L above 32 (the 64-row tiles).
+SHAPES = [(3, 7, 50, 77), (2, 1, 1, 16), (2, 30, 33, 40), (1, 17, 9, 130), (2, 45, 20, 50)]
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
