@@ -55,6 +55,8 @@ def _configs():
         (64, 128, 16, 4, 4),
         (256, 128, 16, 8, 3),
         (128, 256, 16, 8, 3),
+        (64, 128, 32, 8, 3),
+        (128, 64, 32, 8, 3),
     ]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_D": d}, num_warps=w, num_stages=s)
@@ -103,9 +105,11 @@ def _config_key(config):
 
 # When D is wider than BLOCK_D the kernel loops over D and the sm_90 cubins of most configs spill registers
 # (Triton 3.6, fp32 operands: 100 B to 3 KB of stack per thread, bench/results/triton_aot_sm90_triton3.6.txt).
-# Only these three, which spill least (stack at most 616 B in tf32x3 mode, 24 B in the others), are tried then;
-# every config stays for a D that fits one chunk, where none spills.
-_LOOPED_D_CONFIGS = {(128, 128, 32, 8, 3), (128, 256, 16, 8, 3), (64, 128, 16, 4, 4)}
+# Only these are tried then: the three that spilled least among the first thirteen (stack at most 616 B in
+# tf32x3 mode, 24 B in the others) and two smaller 8-warp tiles that spill nothing (64 x 128) or at most 16 B
+# (128 x 64) in every mode. Every config stays for a D that fits one chunk, where none spills.
+_LOOPED_D_CONFIGS = {(128, 128, 32, 8, 3), (128, 256, 16, 8, 3), (64, 128, 16, 4, 4), (64, 128, 32, 8, 3),
+                     (128, 64, 32, 8, 3)}
 
 
 @triton.jit

@@ -310,6 +310,8 @@ def test_autotune_pruning(monkeypatch):
     z, cb = torch.empty(8, 256), torch.empty(8, 256)
     looped = _surviving_configs(z, cb, False, monkeypatch)
     assert looped and {nc._config_key(c) for c in looped} <= nc._LOOPED_D_CONFIGS
+    # every listed looped-D config exists and fits at the headline D=256 in fp32
+    assert {nc._config_key(c) for c in looped} == nc._LOOPED_D_CONFIGS
     small = _surviving_configs(torch.empty(8, 8), torch.empty(8, 8), True, monkeypatch)
     assert len(small) > 1 and all(c.kwargs["BLOCK_D"] == 16 for c in small)
     first = nc._prune_configs(nc._configs(), {"D": 256, "FAST": False, "z_ptr": z, "e_ptr": cb})
