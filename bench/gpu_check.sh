@@ -6,7 +6,7 @@
 # runs under min(its own limit, what is left of the budget), a stage with under 20 s left is skipped and
 # reported, and the summary always prints. Exits non-zero if any stage failed or was skipped.
 # Wheels missing on the machine can travel in .whl/ (see the device notes); they are installed first.
-# GPU_CHECK_SKIP="nn_search ema" leaves those stages out (e.g. kernels unchanged since their last measurement).
+# GPU_CHECK_SKIP="train_step" (names separated by spaces) leaves those stages out, e.g. one another script covers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/results/gpu_check}"
