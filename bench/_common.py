@@ -81,6 +81,11 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
+def card_slug(device):
+    """The card's name as a file-name part: ``NVIDIA H200`` -> ``nvidia_h200``."""
+    return "".join(ch if ch.isalnum() else "_" for ch in device_name(torch.device(device))).strip("_").lower()
+
+
 def write_results(name, device, rows, extra=None, out_dir=None):
     """Write ``rows`` to ``bench/results/<name>_<card>.json`` (and $OUT when set); return the path."""
     device = torch.device(device)
@@ -101,7 +106,7 @@ def write_results(name, device, rows, extra=None, out_dir=None):
         payload["triton"] = None
     if extra:
         payload.update(extra)
-    slug = "".join(ch if ch.isalnum() else "_" for ch in card).strip("_").lower()
+    slug = card_slug(device)
     paths = []
     for d in filter(None, [out_dir or RESULTS_DIR, os.environ.get("OUT")]):
         os.makedirs(d, exist_ok=True)

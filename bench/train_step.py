@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench._common import device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms, write_results  # noqa: E402
+from bench._common import (card_slug, device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms,  # noqa: E402
+                           write_results)
 
 
 class _VocabOnlyTokenizer:
@@ -181,8 +182,7 @@ def write_profile(fn, device, out_dir):
     avg = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "_" for ch in device_name(device)).strip("_").lower()
-    path = os.path.join(out_dir, f"train_step_profile_{slug}.txt")
+    path = os.path.join(out_dir, f"train_step_profile_{card_slug(device)}.txt")
     with open(path, "w") as f:
         f.write(f"three 'ours' steps on {device_name(device)}\n")
         f.write(avg.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n")
