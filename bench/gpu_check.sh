@@ -16,36 +16,11 @@ BUDGET="${GPU_CHECK_BUDGET:-540}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : >"$LOG"
-FAILED=()
 RESERVE=15  # for the summary
-
-stage() {
-  local name="$1" limit="$2"
-  shift 2
-  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
-    echo "=== $name: skipped (GPU_CHECK_SKIP) ===" | tee -a "$LOG"
-    return 0
-  fi
-  local left=$((BUDGET - SECONDS - RESERVE))
-  if [ "$left" -lt 20 ]; then
-    echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left ===" | tee -a "$LOG"
-    FAILED+=("$name(skipped)")
-    return 124
-  fi
-  if [ "$limit" -gt "$left" ]; then limit=$left; fi
-  echo "=== $name (limit ${limit}s, at ${SECONDS}s) ===" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc in $((SECONDS - t0))s ===" | tee -a "$LOG"
-  if [ "$rc" -ne 0 ]; then FAILED+=("$name(rc=$rc)"); fi
-  return "$rc"
-}
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+MIN_LEFT=20
+SKIP="${GPU_CHECK_SKIP:-}"
+source bench/_stages.sh
+install_carried_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 

@@ -11,30 +11,21 @@ BUDGET="${TRAIN_STEP_BUDGET:-540}"
 mkdir -p "$OUT"
 LOG="$OUT/log_train_step.txt"
 : >"$LOG"
-run() {  # run NAME LIMIT CMD...: limit capped by what is left of the budget
-  local name="$1" limit="$2"; shift 2
-  local left=$((BUDGET - SECONDS - 5))
-  if [ "$left" -lt 15 ]; then echo "=== $name: skipped (${left}s left) ===" | tee -a "$LOG"; return 124; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== $name (limit ${limit}s, at ${SECONDS}s) ===" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-  echo "=== $name: rc=${PIPESTATUS[0]} at ${SECONDS}s ===" | tee -a "$LOG"
-}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-run build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
-run tests 60 python3 -m pytest -q -x --no-header -p no:cacheprovider "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast"
+RESERVE=5
+MIN_LEFT=15
+source bench/_stages.sh
+install_carried_wheels
+stage build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
+stage tests 60 python3 -m pytest -q -x --no-header -p no:cacheprovider "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast"
 # all three arms (each times ~3 s after its warm-up; cuDNN autotuning makes the first steps slow)
-run train_step 110 python3 bench/train_step.py
-run train_step_cl 45 python3 bench/train_step.py --skip-reference --channels-last --tag channels_last
-run train_step_profile 60 python3 bench/train_step.py --skip-reference --channels-last --tag profiled --profile "$OUT"
+stage train_step 110 python3 bench/train_step.py
+stage train_step_cl 45 python3 bench/train_step.py --skip-reference --channels-last --tag channels_last
+stage train_step_profile 60 python3 bench/train_step.py --skip-reference --channels-last --tag profiled --profile "$OUT"
 # Compiling the whole generator (forward, backward and the adaptive weight's second differentiation) took over
 # 136 s on an H200. Each VQGAN block on its own compiled in about half the time on CPU: that one first, then the
 # whole model with what is left.
-run train_step_compile_blocks 240 python3 bench/train_step.py --skip-reference --compile blocks --channels-last \
+stage train_step_compile_blocks 240 python3 bench/train_step.py --skip-reference --compile blocks --channels-last \
   --tag compile_blocks_channels_last
-run train_step_compile 600 python3 bench/train_step.py --skip-reference --compile model --channels-last \
+stage train_step_compile 600 python3 bench/train_step.py --skip-reference --compile model --channels-last \
   --tag compile_channels_last
 grep -h "^ours\|^reference\|^official" "$LOG"
