@@ -44,6 +44,7 @@ stage train_step 90 python3 bench/train_step.py
 stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py
 stage relation 45 python3 bench/relation.py
+stage group_norm 60 python3 bench/group_norm.py
 
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SMALL_CASE='
@@ -86,9 +87,11 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
                          str(r.get("speedup_vs_reference", "baseline"))))
             continue
         impl = str(r.get("impl", ""))
-        if "cuda" in impl or "triton" in impl or "baseline" in str(r.get("speedup", "")):
-            rows.append((data.get("benchmark", "?"), str(r.get("shape", "")), str(r.get("impl", "")),
-                         str(r.get("ms", "")), str(r.get("mismatch_pct", "")), str(r.get("speedup", ""))))
+        speedup = r.get("speedup", r.get("x_vs_native", r.get("x_vs_vectorised", "")))
+        if "cuda" in impl or "triton" in impl or "baseline" in str(speedup):
+            shape = " ".join(str(r.get(k, "")) for k in ("shape", "layout") if k in r)
+            rows.append((data.get("benchmark", "?"), shape, impl, str(r.get("ms", r.get("fwd_bwd_ms", ""))),
+                         str(r.get("mismatch_pct", "")), str(speedup)))
     device = data.get("device", "?")
 print(f"summary ({device if rows else 'no benchmark JSON found'})")
 head = ("bench", "shape", "impl", "ms", "mismatch / img/s", "speed-up")

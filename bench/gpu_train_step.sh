@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Train-step study on a lent GPU (one device call): build, the trainer's GPU test, then bench/train_step.py at
-# the paper shape: all arms; "ours" with channels_last; a profiler table of that; "ours" with torch.compile of
-# each VQGAN block, then of the whole model, both with channels_last. Results and logs go to $OUT.
+# Train-step study on a lent GPU (one device call): build, the trainer's and the fused GroupNorm's GPU tests, the
+# GroupNorm benchmark, then bench/train_step.py at the paper shape: all arms with "ours" in channels_last (fused
+# norm); "ours" in NCHW with PyTorch's and with the fused norm; a profiler table of channels_last; "ours" with
+# torch.compile of each VQGAN block, then of the whole model, both channels_last. Results and logs go to $OUT.
 # Budget: TRAIN_STEP_BUDGET seconds (default 540, inside a 570 s device call); the compile variants come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +17,16 @@ MIN_LEFT=15
 source bench/_stages.sh
 install_carried_wheels
 stage build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
-stage tests 60 python3 -m pytest -q -x --no-header -p no:cacheprovider "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast"
-# all three arms (each times ~3 s after its warm-up; cuDNN autotuning makes the first steps slow)
-stage train_step 110 python3 bench/train_step.py
-stage train_step_cl 45 python3 bench/train_step.py --skip-reference --channels-last --tag channels_last
+stage tests 90 python3 -m pytest -q -x --no-header -p no:cacheprovider \
+  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" tests/test_group_norm.py -m gpu
+# the fused GroupNorm + SiLU against PyTorch's, both memory formats, at the VQGAN's paper-shape activations
+stage group_norm 60 python3 bench/group_norm.py
+# all three arms, "ours" in channels_last with the fused norm (each arm times ~3 s after its warm-up; cuDNN
+# autotuning makes the first steps slow)
+stage train_step_cl 110 python3 bench/train_step.py --channels-last --tag channels_last
+# "ours" in NCHW: PyTorch's norm, then the fused one
+stage train_step_nchw 45 python3 bench/train_step.py --skip-reference --tag nchw
+stage train_step_nchw_triton 45 python3 bench/train_step.py --skip-reference --norm-impl triton --tag nchw_triton_norm
 stage train_step_profile 60 python3 bench/train_step.py --skip-reference --channels-last --tag profiled --profile "$OUT"
 # Compiling the whole generator (forward, backward and the adaptive weight's second differentiation) took over
 # 136 s on an H200. Each VQGAN block on its own compiled in about half the time on CPU: that one first, then the
@@ -28,4 +35,4 @@ stage train_step_compile_blocks 240 python3 bench/train_step.py --skip-reference
   --tag compile_blocks_channels_last
 stage train_step_compile 600 python3 bench/train_step.py --skip-reference --compile model --channels-last \
   --tag compile_channels_last
-grep -h "^ours\|^reference\|^official" "$LOG"
+grep -h "^ours\|^reference\|^official\|triton\|native" "$LOG" | grep -v "^==="

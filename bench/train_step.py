@@ -1,6 +1,7 @@
 """Images/s and peak memory of a full LG-VQ training step (generator + discriminator, GAN active).
 
     python bench/train_step.py              # GPU: paper shape; CPU: the tiny-cpu preset
+    python bench/train_step.py --channels-last
     python bench/train_step.py --compile --channels-last
     python bench/train_step.py --skip-reference --compile blocks --channels-last
 
@@ -13,8 +14,10 @@ re-encodes the text and recomputes the whole generator forward and its reconstru
 loss (spec §5.4, B8); it uses this package's fused ops, so its ratio isolates the step structure, precision
 and optimiser. "official-style" is the same two-pass fp32 step with the official op formulations
 as well: PyTorch nearest-code search and codebook update (the reference path), the RAS loss as a Python loop
-over word positions and swish as ``x * sigmoid(x)``. All variants share one model, so their outputs agree
-(checked in tests). Every variant runs under the same backend flags (cuDNN autotuning on, TF32 allowed for fp32
+over word positions, PyTorch's GroupNorm and swish as ``x * sigmoid(x)``. All variants share one model, so
+their outputs agree (checked in tests). ``--channels-last`` puts "ours" (model, discriminator, input) in
+channels_last, where the VQGAN's GroupNorm + swish run as the fused Triton op; the model is then converted back
+and the reference arms run NCHW, as the official code. ``--norm-impl`` picks that norm for "ours". Every variant runs under the same backend flags (cuDNN autotuning on, TF32 allowed for fp32
 convolutions and matrix products: the fastest fp32 setting for the two-pass arms).
 
 ``--profile DIR`` also writes DIR/train_step_profile_<card>.txt: the torch.profiler table of three "ours" steps.
@@ -70,6 +73,7 @@ def random_text_batch(batch, length, vocab, eos, generator):
 
 def setup(device, args):
     from lgvq_fast.models import PerceptualLoss, TextEncoder, build_model, preset
+    from lgvq_fast.models.vqgan import set_norm_impl
     from lgvq_fast.train import make_optimizers
     from lgvq_fast.train_utils import DiscSwap, place_models
 
@@ -87,15 +91,19 @@ def setup(device, args):
     if device.type == "cuda" or args.perceptual:
         # random VGG16 weights: the perceptual term's FLOPs without needing the LPIPS checkpoint
         loss_mod.perceptual, loss_mod.perceptual_weight = PerceptualLoss(), 1.0
-    place_models(device, args.channels_last, text_encoder, model, loss_mod)
+    set_norm_impl(model, getattr(args, "norm_impl", "auto"))
+    channels_last = getattr(args, "channels_last", False)
+    place_models(device, channels_last, text_encoder, model, loss_mod)
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, generator=gen).mul_(2).sub_(1).to(device)
+    # what the trainer feeds a channels_last model
+    x_ours = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     text = random_text_batch(batch, cfg.max_text_len, text_encoder.vocab_size, eos, gen)
     # "ours" uses the trainer's optimizers (fused Adam on CUDA); the official arms the default Adam they ship with
     ours_opt_g, ours_opt_d = make_optimizers(model, loss_mod, 1e-5, (0.5, 0.9), device)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9))
     swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
-    return dict(cfg=cfg, text_encoder=text_encoder, model=model, loss_mod=loss_mod, x=x, text=text,
+    return dict(cfg=cfg, text_encoder=text_encoder, model=model, loss_mod=loss_mod, x=x, x_ours=x_ours, text=text,
                 opt_g=opt_g, opt_d=opt_d, ours_opt_g=ours_opt_g, ours_opt_d=ours_opt_d, swap=swap, batch=batch)
 
 
@@ -109,7 +117,7 @@ def ours_step(s, device, compiled):
 
     def fn():
         train_step(compiled, s["model"], s["loss_mod"], s["swap"], s["ours_opt_g"], s["ours_opt_d"],
-                   s["text_encoder"], s["x"], s["text"], 10**9, autocast, s["cfg"])
+                   s["text_encoder"], s["x_ours"], s["text"], 10**9, autocast, s["cfg"])
 
     return fn
 
@@ -117,7 +125,8 @@ def ours_step(s, device, compiled):
 @contextlib.contextmanager
 def official_ops(model):
     """The official code's op formulations: PyTorch nearest-code search and codebook update (this package's
-    reference path) and the RAS loss as a Python loop over word positions (bench/relation.py)."""
+    reference path), the RAS loss as a Python loop over word positions (bench/relation.py), PyTorch's GroupNorm
+    and the two-op swish."""
     import lgvq_fast.ops
     from bench.relation import word_loop_loss
     from lgvq_fast.models import vqgan
@@ -126,10 +135,12 @@ def official_ops(model):
     saved = quantizer.impl, lgvq_fast.ops.relation_loss, vqgan.swish
     quantizer.impl, lgvq_fast.ops.relation_loss = "reference", word_loop_loss
     vqgan.swish = _two_op_swish
+    norms = vqgan.set_norm_impl(model, "native")
     try:
         yield
     finally:
         quantizer.impl, lgvq_fast.ops.relation_loss, vqgan.swish = saved
+        vqgan.restore_norm_impl(norms)
 
 
 def _two_op_swish(x):
@@ -195,7 +206,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"), default=None,
                    help="torch.compile 'ours' like the trainer's --compile (whole model, or each VQGAN block)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true",
+                   help="'ours' in channels_last (the reference arms always run NCHW, as the official code)")
+    p.add_argument("--norm-impl", choices=("auto", "native", "triton"), default="auto",
+                   help="'ours': the VQGAN GroupNorm + swish (train.norm_impl); the official-style arm uses native")
     p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--tag", default="", help="results file name: train_step[_TAG]_<card>.json")
@@ -220,22 +234,26 @@ def main():
         variants.append(("reference (2 fwd, fp32)", reference_step(s, device)))
         variants.append(("official-style (2 fwd, fp32, loop RAS)", reference_step(s, device, official=True)))
     rows = []
-    for name, fn in variants:
+    for i, (name, fn) in enumerate(variants):
+        if i == 1 and args.channels_last:
+            # the reference arms run in the default layout, as the official code does
+            for m in (s["model"], s["loss_mod"]):
+                m.to(memory_format=torch.contiguous_format)
         ms, q20, q80 = time_ms(fn, device, gpu_rep_ms=3000)  # a step is ~0.1-1 s: at least a few timed steps
         mem = extra_memory_bytes(fn, device)
         rows.append({"variant": name, "ms": round(ms, 2), "q20_ms": round(q20, 2), "q80_ms": round(q80, 2),
                      "images_per_s": round(s["batch"] * 1e3 / ms, 2), "peak_extra_mem": fmt_bytes(mem),
                      "peak_extra_bytes": mem})
+        if i == 0 and args.profile:
+            write_profile(fn, device, args.profile)
     if len(rows) == 3:
         rows[0]["speedup_vs_reference"] = round(rows[1]["ms"] / rows[0]["ms"], 2)
         rows[0]["speedup_vs_official_style"] = round(rows[2]["ms"] / rows[0]["ms"], 2)
-    if args.profile:
-        write_profile(variants[0][1], device, args.profile)
     cfg = s["cfg"]
     shape = {"batch": s["batch"], "resolution": cfg.resolution, "codebook_size": cfg.codebook_size,
              "embed_dim": cfg.embed_dim, "text_len": cfg.max_text_len, "gan_active": True,
              "perceptual": s["loss_mod"].perceptual is not None, "compile": args.compile or False,
-             "channels_last": args.channels_last}
+             "channels_last": args.channels_last, "norm_impl": args.norm_impl}
     print(f"train step on {device_name(device)}: {shape}")
     print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),
                        ("peak_extra_mem", "peak extra mem"), ("speedup_vs_reference", "vs reference"),

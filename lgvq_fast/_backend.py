@@ -31,6 +31,8 @@ def triton_import_error():
     return None
 
 
+# torch.compile calls these once while tracing and keeps the answer (tracing into importlib is not allowed)
+@torch.compiler.assume_constant_result
 def triton_available():
     return triton_import_error() is None
 
@@ -52,6 +54,7 @@ def cuda_ext_import_error():
     return None
 
 
+@torch.compiler.assume_constant_result
 def cuda_ext_available():
     return cuda_ext_import_error() is None
 
@@ -76,18 +79,16 @@ def resolve_impl(op, impl, device):
     if impl == "reference":
         return impl
     if impl == "triton":
-        why = triton_import_error()
-        if why is not None:
-            raise RuntimeError(f"{op}: impl='triton' needs triton, which failed to import ({why})")
+        if not triton_available():
+            raise RuntimeError(f"{op}: impl='triton' needs triton, which failed to import ({triton_import_error()})")
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
             raise RuntimeError(
                 f"{op}: impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                 f"got tensors on {device}"
             )
         return impl
-    why = cuda_ext_import_error()
-    if why is not None:
-        raise RuntimeError(f"{op}: impl='cuda' needs the compiled extension lgvq_fast._C ({why})")
+    if not cuda_ext_available():
+        raise RuntimeError(f"{op}: impl='cuda' needs the compiled extension lgvq_fast._C ({cuda_ext_import_error()})")
     if device.type != "cuda":
         raise RuntimeError(f"{op}: impl='cuda' needs CUDA tensors; got tensors on {device}")
     return impl

@@ -99,12 +99,14 @@ def reconstruct(model, x, autocast):
 
 def build_everything(cfg, device, world):
     from lgvq_fast.models import TextEncoder, build_model
+    from lgvq_fast.models.vqgan import set_norm_impl
 
     m, t = cfg.model, cfg.train
     text_encoder = TextEncoder.build(m.text_encoder, max_len=m.max_text_len)
     # Same initial weights on every rank (DDP also broadcasts them, this keeps single-process runs reproducible).
     torch.manual_seed(t.seed)
     model, loss_mod = build_model(m, text_encoder)
+    set_norm_impl(model, t.norm_impl)
     place_models(device, t.channels_last, text_encoder, model, loss_mod)
     lr = t.lr if t.lr is not None else t.base_lr * t.batch_size * world
     opt_g, opt_d = make_optimizers(model, loss_mod, lr, t.betas, device)

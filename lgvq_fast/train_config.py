@@ -55,6 +55,9 @@ class TrainConfig:
     # AttnBlock on its own, static shapes: blocks of one shape share their compiled code, so it compiles faster)
     compile_scope: str = "model"
     channels_last: bool = False
+    # the VQGAN's GroupNorm + swish: "auto" (the fused Triton op on CUDA for channels_last activations, PyTorch's
+    # otherwise), "triton" (the fused op on CUDA in either memory format) or "native" (PyTorch's, always)
+    norm_impl: str = "auto"
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms (the shapes are fixed)
     find_unused_parameters: bool = False
     progress: bool = True
@@ -197,6 +200,8 @@ def validate_config(cfg):
             raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     if t.compile_scope not in ("model", "blocks"):
         raise ConfigError(f"train.compile_scope (--compile SCOPE) must be model or blocks, got {t.compile_scope!r}")
+    if t.norm_impl not in ("auto", "native", "triton"):
+        raise ConfigError(f"train.norm_impl must be auto, native or triton, got {t.norm_impl!r}")
     if t.amp not in ("bf16", "none"):
         raise ConfigError(f"train.amp must be bf16 (autocast on GPU) or none, got {t.amp!r}")
     if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):

@@ -158,7 +158,7 @@ def intercept(compiler, max_configs=None):
 
 def launch_everything(quick):
     """Call every host launcher of lgvq_fast.kernels at the shapes the benchmarks and the model use."""
-    from lgvq_fast.kernels import ema, nearest_code, relation
+    from lgvq_fast.kernels import ema, group_norm, nearest_code, relation
 
     g = torch.Generator().manual_seed(0)
     # (N, K, D): the paper shape, the two small-D benchmark shapes, and an odd D (masked, two D tiles).
@@ -193,6 +193,18 @@ def launch_everything(quick):
             a = torch.ones(B, L)
             relation.relation_loss_fwd(text, vision, codes, pad, 1e-8)
             relation.relation_loss_bwd(torch.ones(()), text, codes, pad, p, a, 1e-8)
+    # the VQGAN's norms (C = 128, 256, 512 at G = 32), an odd C, both memory formats, with and without SiLU
+    gn_shapes = [(2, 128, 64, 64, 32), (2, 512, 16, 16, 32)]
+    gn_shapes += [] if quick else [(2, 256, 32, 32, 32), (2, 96, 9, 11, 32)]
+    for N, C, H, W, G in gn_shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt)
+                w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+                mean, rstd = torch.zeros(N, G), torch.ones(N, G)
+                for act in (True, False):
+                    group_norm.group_norm_fwd(x, w, b, G, 1e-6, act)
+                    group_norm.group_norm_bwd(torch.randn_like(x), x, w, b, mean, rstd, G, act)
 
 
 def main():

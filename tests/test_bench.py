@@ -45,9 +45,11 @@ def test_official_style_ops_compute_the_same_losses(monkeypatch):
         with ts.official_ops(model):
             assert model.quantizer.impl == "reference" and lgvq_fast.ops.relation_loss is not fused_relation
             assert vqgan.swish is ts._two_op_swish
+            assert all(m.impl == "native" for m in model.modules() if isinstance(m, vqgan.GroupNorm))
             official = model(s["x"], s["text"], feats)
     assert model.quantizer.impl == "auto" and lgvq_fast.ops.relation_loss is fused_relation
     assert vqgan.swish is fused_swish
+    assert all(m.impl == "auto" for m in model.modules() if isinstance(m, vqgan.GroupNorm))
     torch.testing.assert_close(official["x_rec"], ours["x_rec"], rtol=0, atol=0)
     torch.testing.assert_close(official["indices"], ours["indices"], rtol=0, atol=0)
     for k in ("gsa", "mtp", "ras"):

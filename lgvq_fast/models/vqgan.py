@@ -1,33 +1,85 @@
 """VQGAN encoder and decoder (the taming-transformers layout the paper uses, spec §1.1).
 
-GroupNorm(32, eps 1e-6), swish, ResnetBlock, single-head spatial AttnBlock, strided-conv Downsample and
-nearest Upsample + conv. The encoder has ``num_res_blocks`` blocks per level, the decoder
-``num_res_blocks + 1``; attention is added at the levels whose resolution is in ``attn_resolutions`` and
-always in the middle block. The downsampling factor is ``2 ** (len(ch_mult) - 1)``.
+GroupNorm(32, eps 1e-6) with the swish after it (one fused op on CUDA, see GroupNorm), ResnetBlock, single-head
+spatial AttnBlock, strided-conv Downsample and nearest Upsample + conv. The encoder has ``num_res_blocks``
+blocks per level, the decoder ``num_res_blocks + 1``; attention is added at the levels whose resolution is in
+``attn_resolutions`` and always in the middle block. The downsampling factor is ``2 ** (len(ch_mult) - 1)``.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that stays in the autocast dtype.
+NORM_IMPLS = ("auto", "native", "triton")
 
-    Autocast runs ``group_norm`` in fp32 and returns fp32, so every normalised activation of the encoder and
-    decoder would be written, read by swish and read again by the next convolution at twice the bf16 size. Under
-    autocast this normalises the low-precision tensor directly (the kernel accumulates its statistics in fp32)
-    and returns that dtype; the next convolution casts to it anyway. Outside autocast it is ``nn.GroupNorm``.
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that stays in the autocast dtype and can apply the following swish itself.
+
+    ``forward(x, act=True)`` is ``swish(norm(x))``. Two paths:
+
+    * fused: ``lgvq_fast.ops.group_norm`` with ``impl="triton"`` (statistics in fp32, output in x's dtype and
+      memory format, SiLU in the same pass, fp32 weights read directly). Taken on CUDA when ``impl`` is
+      ``"triton"``, or when it is ``"auto"`` and x is channels_last (PyTorch's CUDA GroupNorm has no NHWC
+      kernel and would convert the tensor both ways). Never while torch.compile traces: inductor generates
+      its own fused norm.
+    * native: autocast runs ``group_norm`` in fp32 and returns fp32, so every normalised activation would be
+      written, read by swish and read again by the next convolution at twice the bf16 size. Under autocast
+      this normalises the low-precision tensor directly (PyTorch accumulates its statistics in fp32) and
+      returns that dtype; the next convolution casts to it anyway. Outside autocast it is ``nn.GroupNorm``.
     """
 
-    def forward(self, x):
+    impl = "auto"
+
+    def _fused(self, x):
+        if self.impl == "native" or x.dim() != 4 or x.shape[0] == 0 or torch.compiler.is_compiling():
+            return False
+        from lgvq_fast._backend import triton_available, triton_interpret
+        from lgvq_fast.ops.group_norm import triton_supports
+
+        if not (x.is_cuda or (self.impl == "triton" and x.device.type == "cpu" and triton_interpret())):
+            return False
+        if not (triton_available() and triton_supports(self.num_channels, self.num_groups)):
+            return False
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return self.impl == "triton" or channels_last
+
+    def forward(self, x, act=False):
         device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype(device_type)
-        if dtype not in (torch.bfloat16, torch.float16):
-            return super().forward(x)
-        with torch.autocast(device_type, enabled=False):
-            return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        low = None
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            low = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        if self._fused(x):
+            from lgvq_fast.ops.group_norm import group_norm_triton
+
+            with torch.autocast(device_type, enabled=False):
+                return group_norm_triton(x if low is None else x.to(low), self.weight, self.bias, self.num_groups,
+                                         self.eps, act)
+        if low is None:
+            y = super().forward(x)
+        else:
+            with torch.autocast(device_type, enabled=False):
+                y = F.group_norm(x.to(low), self.num_groups, self.weight.to(low), self.bias.to(low), self.eps)
+        return swish(y) if act else y
+
+
+def set_norm_impl(module: nn.Module, impl: str) -> dict:
+    """Set ``impl`` ("auto", "native" or "triton") on every VQGAN GroupNorm in ``module``; returns the previous
+    values by module, for :func:`restore_norm_impl`."""
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"norm impl must be one of {NORM_IMPLS}, got {impl!r}")
+    previous = {}
+    for m in module.modules():
+        if isinstance(m, GroupNorm):
+            previous[m] = m.impl
+            m.impl = impl
+    return previous
+
+
+def restore_norm_impl(previous: dict) -> None:
+    for m, impl in previous.items():
+        m.impl = impl
 
 
 def normalize(channels: int) -> nn.GroupNorm:
@@ -51,8 +103,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x):
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = self.conv1(self.norm1(x, act=True))
+        h = self.conv2(self.dropout(self.norm2(h, act=True)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -145,7 +197,7 @@ class Encoder(nn.Module):
             if level != self.num_levels - 1:
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, act=True))
 
 
 class Decoder(nn.Module):
@@ -192,4 +244,4 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if level != 0:
                 h = stage.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, act=True))
