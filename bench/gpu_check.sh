@@ -45,6 +45,7 @@ stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py
 stage relation 45 python3 bench/relation.py
 stage group_norm 60 python3 bench/group_norm.py
+stage lpips 60 python3 bench/lpips.py
 
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SMALL_CASE='

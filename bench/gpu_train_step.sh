@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train-step study on a lent GPU (one device call): build, the trainer's and the fused GroupNorm's GPU tests, the
-# GroupNorm benchmark, then bench/train_step.py at the paper shape: all arms with "ours" in channels_last (fused
+# Train-step study on a lent GPU (one device call): build, the trainer's, the fused GroupNorm's and LPIPS' GPU
+# tests, their benchmarks, then bench/train_step.py at the paper shape: all arms with "ours" in channels_last (fused
 # norm); "ours" in NCHW with PyTorch's and with the fused norm; a profiler table of channels_last; "ours" with
 # torch.compile of each VQGAN block, then of the whole model, both channels_last. Results and logs go to $OUT.
 # Budget: TRAIN_STEP_BUDGET seconds (default 540, inside a 570 s device call); the compile variants come last.
@@ -18,9 +18,10 @@ source bench/_stages.sh
 install_carried_wheels
 stage build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
 stage tests 90 python3 -m pytest -q -x --no-header -p no:cacheprovider \
-  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" tests/test_group_norm.py -m gpu
-# the fused GroupNorm + SiLU against PyTorch's, both memory formats, at the VQGAN's paper-shape activations
+  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" tests/test_group_norm.py tests/test_lpips.py -m gpu
+# the fused GroupNorm + SiLU and LPIPS distance against PyTorch's, both memory formats, at the paper shape
 stage group_norm 60 python3 bench/group_norm.py
+stage lpips 45 python3 bench/lpips.py
 # all three arms, "ours" in channels_last with the fused norm (each arm times ~3 s after its warm-up; cuDNN
 # autotuning makes the first steps slow)
 stage train_step_cl 110 python3 bench/train_step.py --channels-last --tag channels_last

@@ -14,7 +14,7 @@ re-encodes the text and recomputes the whole generator forward and its reconstru
 loss (spec §5.4, B8); it uses this package's fused ops, so its ratio isolates the step structure, precision
 and optimiser. "official-style" is the same two-pass fp32 step with the official op formulations
 as well: PyTorch nearest-code search and codebook update (the reference path), the RAS loss as a Python loop
-over word positions, PyTorch's GroupNorm and swish as ``x * sigmoid(x)``. All variants share one model, so
+over word positions, PyTorch's GroupNorm, swish as ``x * sigmoid(x)`` and LPIPS as PyTorch ops. All variants share one model, so
 their outputs agree (checked in tests). ``--channels-last`` puts "ours" (model, discriminator, input) in
 channels_last, where the VQGAN's GroupNorm + swish run as the fused Triton op; the model is then converted back
 and the reference arms run NCHW, as the official code. ``--norm-impl`` picks that norm for "ours". Every variant runs under the same backend flags (cuDNN autotuning on, TF32 allowed for fp32
@@ -123,10 +123,10 @@ def ours_step(s, device, compiled):
 
 
 @contextlib.contextmanager
-def official_ops(model):
+def official_ops(model, loss_mod=None):
     """The official code's op formulations: PyTorch nearest-code search and codebook update (this package's
-    reference path), the RAS loss as a Python loop over word positions (bench/relation.py), PyTorch's GroupNorm
-    and the two-op swish."""
+    reference path), the RAS loss as a Python loop over word positions (bench/relation.py), PyTorch's GroupNorm,
+    the two-op swish and (with ``loss_mod``) LPIPS' PyTorch formulation."""
     import lgvq_fast.ops
     from bench.relation import word_loop_loss
     from lgvq_fast.models import vqgan
@@ -136,11 +136,17 @@ def official_ops(model):
     quantizer.impl, lgvq_fast.ops.relation_loss = "reference", word_loop_loss
     vqgan.swish = _two_op_swish
     norms = vqgan.set_norm_impl(model, "native")
+    perceptual = getattr(loss_mod, "perceptual", None) if loss_mod is not None else None
+    saved_lpips = perceptual.impl if perceptual is not None else None
+    if perceptual is not None:
+        perceptual.impl = "native"
     try:
         yield
     finally:
         quantizer.impl, lgvq_fast.ops.relation_loss, vqgan.swish = saved
         vqgan.restore_norm_impl(norms)
+        if perceptual is not None:
+            perceptual.impl = saved_lpips
 
 
 def _two_op_swish(x):
@@ -155,7 +161,7 @@ def reference_step(s, device, official=False):
     step = 10**9
 
     def fn():
-        with official_ops(model) if official else contextlib.nullcontext():
+        with official_ops(model, loss_mod) if official else contextlib.nullcontext():
             two_passes()
 
     def two_passes():

@@ -158,7 +158,7 @@ def intercept(compiler, max_configs=None):
 
 def launch_everything(quick):
     """Call every host launcher of lgvq_fast.kernels at the shapes the benchmarks and the model use."""
-    from lgvq_fast.kernels import ema, group_norm, nearest_code, relation
+    from lgvq_fast.kernels import ema, group_norm, lpips, nearest_code, relation
 
     g = torch.Generator().manual_seed(0)
     # (N, K, D): the paper shape, the two small-D benchmark shapes, and an odd D (masked, two D tiles).
@@ -205,6 +205,15 @@ def launch_everything(quick):
                 for act in (True, False):
                     group_norm.group_norm_fwd(x, w, b, G, 1e-6, act)
                     group_norm.group_norm_bwd(torch.randn_like(x), x, w, b, mean, rstd, G, act)
+    # the five LPIPS layers' widths (VGG16: 64, 128, 256, 512, 512), both memory formats
+    for C in (64, 128, 256, 512):
+        for dtype in (torch.float32, torch.bfloat16):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                f = torch.randn(2, C, 8, 8, generator=g).to(dtype).contiguous(memory_format=fmt)
+                w = torch.rand(C, generator=g)
+                lpips.lpips_fwd(f, w, 1e-10)
+                for wgrad in (False, True):
+                    lpips.lpips_bwd(torch.ones(1), f, w, 1e-10, wgrad)
 
 
 def main():

@@ -42,7 +42,7 @@ def test_official_style_ops_compute_the_same_losses(monkeypatch):
         monkeypatch.setattr(vqgan, "swish", ts._two_op_swish)
         ours = model(s["x"], s["text"], feats)
         monkeypatch.setattr(vqgan, "swish", fused_swish)
-        with ts.official_ops(model):
+        with ts.official_ops(model, s["loss_mod"]):
             assert model.quantizer.impl == "reference" and lgvq_fast.ops.relation_loss is not fused_relation
             assert vqgan.swish is ts._two_op_swish
             assert all(m.impl == "native" for m in model.modules() if isinstance(m, vqgan.GroupNorm))
@@ -68,3 +68,17 @@ def test_every_variant_runs_a_full_step_and_updates_both_nets():
         fn()
         assert not torch.equal(g0, s["model"].decoder.conv_out.weight), "generator not updated"
         assert not torch.equal(d0, next(s["loss_mod"].discriminator.parameters())), "discriminator not updated"
+
+
+def test_official_ops_use_pytorch_norms_and_lpips():
+    from lgvq_fast.models import vqgan
+
+    ts = _bench_module()
+    s = ts.setup(torch.device("cpu"), argparse.Namespace(channels_last=False, perceptual=True, compile=False,
+                                                         norm_impl="triton"))
+    model, perceptual = s["model"], s["loss_mod"].perceptual
+    norms = [m for m in model.modules() if isinstance(m, vqgan.GroupNorm)]
+    assert norms and all(m.impl == "triton" for m in norms) and perceptual.impl == "auto"
+    with ts.official_ops(model, s["loss_mod"]):
+        assert all(m.impl == "native" for m in norms) and perceptual.impl == "native"
+    assert all(m.impl == "triton" for m in norms) and perceptual.impl == "auto"

@@ -61,7 +61,15 @@ def _load_state_dict(path: str) -> dict:
 
 
 class PerceptualLoss(nn.Module):
-    """LPIPS(x, y) per image, [B, 1, 1, 1], for images in [-1, 1]. Frozen, always in eval mode."""
+    """LPIPS(x, y) per image, [B, 1, 1, 1], for images in [-1, 1]. Frozen, always in eval mode.
+
+    ``impl``: "auto" (default) computes each layer's distance with the fused ``lgvq_fast.ops.lpips_distance``
+    on CUDA (one read of the features each way, fp32 arithmetic) and with LPIPS' PyTorch formulation
+    elsewhere; "native" always uses the PyTorch formulation; "triton" also runs the fused op on CPU tensors
+    under TRITON_INTERPRET=1 (tests).
+    """
+
+    impl = "auto"
 
     def __init__(self):
         super().__init__()
@@ -105,12 +113,27 @@ class PerceptualLoss(nn.Module):
             start = end
         return feats
 
+    def _fused(self, f):
+        if self.impl == "native" or torch.compiler.is_compiling():
+            return False
+        from lgvq_fast._backend import triton_available, triton_interpret
+
+        if not triton_available():
+            return False
+        return f.is_cuda or (self.impl == "triton" and f.device.type == "cpu" and triton_interpret())
+
     def forward(self, x, y):
         n = x.shape[0]
         fx = self._features(torch.cat([x, y], dim=0))
         total = 0.0
         for k, f in enumerate(fx):
+            lin = getattr(self, f"lin{k}")
+            if self._fused(f):
+                from lgvq_fast.ops.lpips import lpips_distance
+
+                total = total + lpips_distance(f, lin.weight, eps=1e-10, impl="triton").view(n, 1, 1, 1)
+                continue
             f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
             d = (f[:n] - f[n:]).square()
-            total = total + getattr(self, f"lin{k}")(d).mean(dim=(2, 3), keepdim=True)
+            total = total + lin(d).mean(dim=(2, 3), keepdim=True)
         return total

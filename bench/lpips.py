@@ -1,0 +1,130 @@
+"""LPIPS layer-distance benchmark: `python bench/lpips.py [--shape NxCxHxW ...] [--dtype bf16|fp32]`.
+
+For each VGG16 feature shape of LPIPS at the paper shape (default on GPU: x and y of batch 8 stacked, 256x256
+input: 16x64x256x256 ... 16x512x16x16; on CPU a small one) and each memory format, rows:
+
+- native: LPIPS' PyTorch formulation (``f / (sqrt(sum f^2) + eps)``, difference, square, the 1x1 head, mean),
+  autograd backward -- the baseline;
+- triton: ``lgvq_fast.ops.lpips_distance(..., impl="triton")``.
+
+Columns: forward ms, forward+backward ms (median; do_bench on GPU), the max error of the distances and of the
+feature gradient against float64, and the speed-up of fwd+bwd over native in the same memory format. A row
+whose error exceeds the tolerance (2x native's error + 8 roundings) gets no speed-up. On a CPU-only machine the
+triton rows are skipped.
+"""
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from bench._common import device_name, print_table, time_ms, write_results  # noqa: E402
+from lgvq_fast import _backend  # noqa: E402
+from lgvq_fast.ops import lpips_distance  # noqa: E402
+from lgvq_fast.reference import lpips as ref  # noqa: E402
+
+GPU_SHAPES = [(16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64), (16, 512, 32, 32), (16, 512, 16, 16)]
+CPU_SHAPES = [(4, 64, 32, 32)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def native(f, w):
+    n = f.shape[0] // 2
+    f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+    d = (f[:n] - f[n:]).square()
+    return torch.nn.functional.conv2d(d, w.view(1, -1, 1, 1).to(d.dtype)).mean(dim=(1, 2, 3))
+
+
+def fused(f, w):
+    return lpips_distance(f, w, impl="triton")
+
+
+def bench_shape(shape, layout, dtype, device):
+    N2, C, H, W = shape
+    f = torch.relu(torch.randn(N2, C, H, W, device=device)).to(dtype)
+    f[N2 // 2:] = (f[: N2 // 2].float() + 0.1 * torch.randn_like(f[: N2 // 2], dtype=torch.float32)).relu().to(dtype)
+    if layout == "channels_last":
+        f = f.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(C, device=device)
+    g = torch.randn(N2 // 2, device=device)
+    f64 = f.double().requires_grad_()
+    d64 = ref.lpips_distance(f64, w.double(), compute_dtype=torch.float64)
+    (df64,) = torch.autograd.grad(d64, f64, g.double())
+    d64 = d64.detach()
+    del f64
+    impls = [("native", native)]
+    skipped = []
+    if _backend.triton_available() and (device.type == "cuda" or _backend.triton_interpret()):
+        impls.append(("triton", fused))
+    else:
+        skipped.append(("triton", "needs a CUDA GPU (and triton)"))
+    rows, errs = [], {}
+    for name, fn in impls:
+        leaf = f.detach().clone().requires_grad_()
+        d = fn(leaf, w)
+        d.backward(g)
+        errs[name] = (float((d.detach().double() - d64).abs().max()), float((leaf.grad.double() - df64).abs().max()))
+
+        def fwd():
+            with torch.no_grad():
+                fn(f, w)
+
+        def fwd_bwd():
+            leaf.grad = None
+            fn(leaf, w).backward(g)
+
+        fwd_ms, _, _ = time_ms(fwd, device)
+        both_ms, _, _ = time_ms(fwd_bwd, device)
+        rows.append({"shape": "x".join(map(str, shape)), "layout": layout, "impl": name, "fwd_ms": round(fwd_ms, 4),
+                     "fwd_bwd_ms": round(both_ms, 4), "d_err": f"{errs[name][0]:.2e}",
+                     "df_err": f"{errs[name][1]:.2e}"})
+    rnd = torch.finfo(dtype).eps
+    d_tol = 2 * errs["native"][0] + 8 * rnd * float(d64.abs().max())
+    df_tol = 2 * errs["native"][1] + 8 * rnd * float(df64.abs().max())
+    base = rows[0]["fwd_bwd_ms"]
+    for row in rows:
+        ok = errs[row["impl"]][0] <= d_tol and errs[row["impl"]][1] <= df_tol
+        row["ok"] = ok
+        row["x_vs_native"] = f"{base / row['fwd_bwd_ms']:.2f}x" if ok else "n/a (wrong)"
+        if row["impl"] == "triton" and device.type != "cuda":
+            row["x_vs_native"] = "n/a (interpreter)" if ok else "n/a (wrong)"
+    for name, why in skipped:
+        rows.append({"shape": "x".join(map(str, shape)), "layout": layout, "impl": name, "fwd_ms": "skipped",
+                     "x_vs_native": why})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", help="2NxCxHxW (repeatable)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shape] if args.shape
+              else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    for s in shapes:
+        if len(s) != 4 or s[0] % 2 or s[0] == 0:
+            parser.error(f"--shape must be 2NxCxHxW with an even, non-zero batch, got {'x'.join(map(str, s))}")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    rows = []
+    for shape in shapes:
+        for layout in ("nchw", "channels_last"):
+            rows += bench_shape(shape, layout, dtype, device)
+    print(f"LPIPS layer distance, {str(dtype).replace('torch.', '')}, on {device_name(device)}")
+    print_table(rows, [("shape", "shape"), ("layout", "layout"), ("impl", "impl"), ("fwd_ms", "fwd ms"),
+                       ("fwd_bwd_ms", "fwd+bwd ms"), ("d_err", "dist err"), ("df_err", "grad err"),
+                       ("x_vs_native", "speed-up vs native")])
+    if _backend.triton_interpret() and device.type != "cuda":
+        print("TRITON_INTERPRET=1: a correctness check only; no results written")
+        return
+    path = write_results("lpips", device, rows, extra={"dtype": str(dtype)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
