@@ -342,3 +342,39 @@ def test_group_norm_gpu_triton_matches_float64(dtype, layout):
         got = _check("triton", x, w, b, 32, True)
         if layout == "channels_last":
             assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+def test_vqgan_groupnorm_fused_on_gpu_under_autocast_matches_native():
+    # the trainer's setting: channels_last, bf16 autocast; "auto" must take the fused path, and its error against
+    # an fp32 run may be at most twice PyTorch's bf16 error (+ a floor: some gradients, e.g. attention key
+    # biases, are exactly 0 in theory and pure rounding in practice)
+    from lgvq_fast.models import vqgan
+
+    torch.manual_seed(0)
+    enc = vqgan.Encoder(ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
+                        z_channels=32).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    taken = []
+    real = vqgan.GroupNorm._fused
+    outs = {}
+    for impl, amp in (("native", False), ("native", True), ("auto", True)):
+        vqgan.set_norm_impl(enc, impl)
+        enc.zero_grad()
+        vqgan.GroupNorm._fused = lambda self, t: taken.append(real(self, t)) or taken[-1]
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                y = enc(x)
+            y.float().square().mean().backward()
+        finally:
+            vqgan.GroupNorm._fused = real
+        outs[impl, amp] = [y.float().detach()] + [p.grad.clone() for p in enc.parameters()]
+        assert taken and (all(taken) if impl == "auto" else not any(taken))
+        taken.clear()
+    ref32, native, fused = outs["native", False], outs["native", True], outs["auto", True]
+    floor = 1e-3 * max(t.abs().max().item() for t in ref32[1:])
+    for i, (r, a, b) in enumerate(zip(ref32, native, fused)):
+        native_err = (a - r).abs().max().item()
+        fused_err = (b - r).abs().max().item()
+        assert fused_err <= 2 * native_err + (1e-2 * r.abs().max().item() if i == 0 else floor), (i, fused_err,
+                                                                                                   native_err)

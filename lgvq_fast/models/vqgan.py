@@ -122,8 +122,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        # [B, 1, HW, C]: one head over all spatial positions
-        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
+        # [B, 1, HW, C]: one head over all spatial positions (views of both NCHW and channels_last maps)
+        q, k, v = (m(y).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
