@@ -18,7 +18,8 @@ source bench/_stages.sh
 install_carried_wheels
 stage build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
 stage tests 90 python3 -m pytest -q -x --no-header -p no:cacheprovider \
-  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" tests/test_group_norm.py tests/test_lpips.py -m gpu
+  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" tests/test_group_norm.py tests/test_lpips.py \
+  tests/test_models.py -m gpu
 # the fused GroupNorm + SiLU and LPIPS distance against PyTorch's, both memory formats, at the paper shape
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 45 python3 bench/lpips.py
@@ -28,6 +29,9 @@ stage train_step_cl 110 python3 bench/train_step.py --channels-last --tag channe
 # "ours" in NCHW: PyTorch's norm, then the fused one
 stage train_step_nchw 45 python3 bench/train_step.py --skip-reference --tag nchw
 stage train_step_nchw_triton 45 python3 bench/train_step.py --skip-reference --norm-impl triton --tag nchw_triton_norm
+# "ours" in channels_last without the one-op weight cast (autocast's per-call casts instead)
+stage train_step_cl_noprecast 45 python3 bench/train_step.py --skip-reference --channels-last --no-precast \
+  --tag channels_last_noprecast
 stage train_step_profile 60 python3 bench/train_step.py --skip-reference --channels-last --tag profiled --profile "$OUT"
 # Compiling the whole generator (forward, backward and the adaptive weight's second differentiation) took over
 # 136 s on an H200. Each VQGAN block on its own compiled in about half the time on CPU: that one first, then the

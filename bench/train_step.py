@@ -92,6 +92,7 @@ def setup(device, args):
         # random VGG16 weights: the perceptual term's FLOPs without needing the LPIPS checkpoint
         loss_mod.perceptual, loss_mod.perceptual_weight = PerceptualLoss(), 1.0
     set_norm_impl(model, getattr(args, "norm_impl", "auto"))
+    model.precast = not getattr(args, "no_precast", False)
     channels_last = getattr(args, "channels_last", False)
     place_models(device, channels_last, text_encoder, model, loss_mod)
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, generator=gen).mul_(2).sub_(1).to(device)
@@ -216,6 +217,8 @@ def main():
                    help="'ours' in channels_last (the reference arms always run NCHW, as the official code)")
     p.add_argument("--norm-impl", choices=("auto", "native", "triton"), default="auto",
                    help="'ours': the VQGAN GroupNorm + swish (train.norm_impl); the official-style arm uses native")
+    p.add_argument("--no-precast", action="store_true",
+                   help="'ours': leave the convolution weights to autocast's per-call casts (LGVQ.precast off)")
     p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--tag", default="", help="results file name: train_step[_TAG]_<card>.json")
@@ -259,7 +262,7 @@ def main():
     shape = {"batch": s["batch"], "resolution": cfg.resolution, "codebook_size": cfg.codebook_size,
              "embed_dim": cfg.embed_dim, "text_len": cfg.max_text_len, "gan_active": True,
              "perceptual": s["loss_mod"].perceptual is not None, "compile": args.compile or False,
-             "channels_last": args.channels_last, "norm_impl": args.norm_impl}
+             "channels_last": args.channels_last, "norm_impl": args.norm_impl, "precast": not args.no_precast}
     print(f"train step on {device_name(device)}: {shape}")
     print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),
                        ("peak_extra_mem", "peak extra mem"), ("speedup_vs_reference", "vs reference"),

@@ -134,6 +134,8 @@ def compile_model(model, scope="model"):
 
     functorch_config.donated_buffer = False
     functorch_config.enable_autograd_cache = False
+    # the compiled graphs fuse the weight casts themselves (lgvq_fast.models._precast is for eager steps)
+    model.precast = False
     if scope == "model":
         return torch.compile(model)
     if scope != "blocks":

@@ -16,7 +16,8 @@ import torch.nn as nn
 from lgvq_fast.models._nvtx import nvtx_range
 from lgvq_fast.models.ram import RelationAlignment
 from lgvq_fast.models.sam import SemanticAlignment, gsa_loss
-from lgvq_fast.models.vqgan import Decoder, Encoder
+from lgvq_fast.models._precast import precast_weights
+from lgvq_fast.models.vqgan import Conv2d, Decoder, Encoder
 
 
 @dataclass
@@ -150,6 +151,10 @@ def _build_quantizer(cfg: LGVQConfig) -> nn.Module:
 
 
 class LGVQ(nn.Module):
+    # Under 16-bit autocast, forward casts the VQGAN convolutions' weights in one batched op
+    # (``lgvq_fast.models._precast``); ``compile_model`` turns it off, compiled graphs fuse their own casts.
+    precast = True
+
     def __init__(self, cfg: LGVQConfig, text_embedding: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -158,8 +163,8 @@ class LGVQ(nn.Module):
                         z_channels=cfg.z_channels, dropout=cfg.dropout)
         self.encoder = Encoder(in_channels=cfg.in_channels, **backbone)
         self.decoder = Decoder(out_ch=cfg.in_channels, **backbone)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.quantizer = _build_quantizer(cfg)
         self.sam = None
         self.ram = None
@@ -184,6 +189,17 @@ class LGVQ(nn.Module):
     @property
     def last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
+
+    def _precast_modules(self):
+        """The convolutions whose weights are cast together: all but the last layer, whose own cast keeps the
+        adaptive GAN weight's ``autograd.grad`` to it from running through the shared cast."""
+        if not self.precast:
+            return ()
+        cached = self.__dict__.get("_precast_list")
+        if cached is None:
+            cached = tuple(m for m in self.modules() if isinstance(m, Conv2d) and m is not self.decoder.conv_out)
+            self.__dict__["_precast_list"] = cached
+        return cached
 
     def _quantize(self, images):
         dev = images.device
@@ -210,6 +226,10 @@ class LGVQ(nn.Module):
     def forward(self, images, text=None, text_feats=None):
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
             raise ValueError(f"images must be [B, {self.cfg.in_channels}, H, W], got {tuple(images.shape)}")
+        with precast_weights(self._precast_modules(), images.device.type):
+            return self._forward(images, text, text_feats)
+
+    def _forward(self, images, text, text_feats):
         quant, indices, q_loss = self._quantize(images)
         x_rec = self.decode(quant.permute(0, 3, 1, 2))
         out = {"x_rec": x_rec, "indices": indices, "q_loss": q_loss, "text_losses": {},

@@ -82,6 +82,19 @@ def restore_norm_impl(previous: dict) -> None:
         m.impl = impl
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that can use a weight and bias cast ahead of time for the current forward
+    (``lgvq_fast.models._precast.precast_weights`` sets ``_lowp``; missing entries fall back to the parameter)."""
+
+    _lowp = None
+
+    def forward(self, x):
+        lowp = self._lowp
+        if not lowp:
+            return super().forward(x)
+        return self._conv_forward(x, lowp.get("weight", self.weight), lowp.get("bias", self.bias))
+
+
 def normalize(channels: int) -> nn.GroupNorm:
     return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
@@ -96,11 +109,11 @@ class ResnetBlock(nn.Module):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.norm1 = normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x):
         h = self.conv1(self.norm1(x, act=True))
@@ -114,10 +127,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = normalize(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -132,7 +145,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         # asymmetric padding keeps the output exactly half the input size
@@ -142,7 +155,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -160,7 +173,7 @@ class Encoder(nn.Module):
         super().__init__()
         _check_ch(ch, ch_mult)
         self.num_levels = len(ch_mult)
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
         res = resolution
         self.down = nn.ModuleList()
@@ -185,7 +198,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
         self.norm_out = normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -208,7 +221,7 @@ class Decoder(nn.Module):
         self.num_levels = len(ch_mult)
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (self.num_levels - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
         self.mid.attn_1 = AttnBlock(block_in)
@@ -231,7 +244,7 @@ class Decoder(nn.Module):
             up.insert(0, stage)
         self.up = nn.ModuleList(up)
         self.norm_out = normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+        self.conv_out = Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.conv_in(z)
