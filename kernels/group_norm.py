@@ -56,15 +56,18 @@ def _tile_configs():
 
 
 def _prune_tile_configs(configs, named_args, **kwargs):
-    """Keep tiles of 2048 to 8192 elements with no more rows than H*W needs; default config first."""
+    """Keep tiles of 2048 to 4096 elements (at most 16 a thread) with no more rows than H*W needs; the default
+    config first."""
     args = {**named_args, **kwargs}
     block_c, hw = args["BLOCK_C"], args["HW"]
     if _interpret():
         return configs[:1]
     rows_needed = max(4, triton.next_power_of_2(hw))
     default = max(4, min(128, TILE_ELEMS // block_c))
+    # at most 16 elements a thread: larger tiles spill (sm_90 build, Triton 3.6: up to 3.4 KB of stack at 64)
     kept = [c for c in configs
-            if 2048 <= c.kwargs["BLOCK_HW"] * block_c <= 8192 and c.kwargs["BLOCK_HW"] <= rows_needed]
+            if 2048 <= c.kwargs["BLOCK_HW"] * block_c <= min(8192, 16 * 32 * c.num_warps)
+            and c.kwargs["BLOCK_HW"] <= rows_needed]
     kept.sort(key=lambda c: (c.kwargs["BLOCK_HW"] != min(default, rows_needed), c.num_warps != NUM_WARPS))
     kept = kept or [c for c in configs if c.kwargs["BLOCK_HW"] == 4 and c.num_warps == NUM_WARPS]
     # each config is a compile the first time a shape is seen (LGVQ_FAST_TRITON_AUTOTUNE=0: the default only)
