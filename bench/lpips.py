@@ -1,7 +1,8 @@
 """LPIPS layer-distance benchmark: `python bench/lpips.py [--shape NxCxHxW ...] [--dtype bf16|fp32]`.
 
-For each VGG16 feature shape of LPIPS at the paper shape (default on GPU: x and y of batch 8 stacked, 256x256
-input: 16x64x256x256 ... 16x512x16x16; on CPU a small one) and each memory format, rows:
+For each VGG16 feature shape of LPIPS at the paper shape (default on GPU: batch 8, 256x256 input:
+8x64x256x256 ... 8x512x16x16, for the real and the reconstructed images; on CPU a small one) and each memory
+format, rows (the gradient is taken to the reconstruction's features, as in training):
 
 - native: LPIPS' PyTorch formulation (``f / (sqrt(sum f^2) + eps)``, difference, square, the 1x1 head, mean),
   autograd backward -- the baseline;
@@ -27,35 +28,36 @@ from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import lpips_distance  # noqa: E402
 from lgvq_fast.reference import lpips as ref  # noqa: E402
 
-GPU_SHAPES = [(16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64), (16, 512, 32, 32), (16, 512, 16, 16)]
-CPU_SHAPES = [(4, 64, 32, 32)]
+GPU_SHAPES = [(8, 64, 256, 256), (8, 128, 128, 128), (8, 256, 64, 64), (8, 512, 32, 32), (8, 512, 16, 16)]
+CPU_SHAPES = [(2, 64, 32, 32)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def native(f, w):
-    n = f.shape[0] // 2
-    f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
-    d = (f[:n] - f[n:]).square()
+def native(fx, fy, w):
+    fx = fx / (fx.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+    fy = fy / (fy.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+    d = (fx - fy).square()
     return torch.nn.functional.conv2d(d, w.view(1, -1, 1, 1).to(d.dtype)).mean(dim=(1, 2, 3))
 
 
-def fused(f, w):
-    return lpips_distance(f, w, impl="triton")
+def fused(fx, fy, w):
+    return lpips_distance(fx, fy, w, impl="triton")
 
 
 def bench_shape(shape, layout, dtype, device):
-    N2, C, H, W = shape
-    f = torch.relu(torch.randn(N2, C, H, W, device=device)).to(dtype)
-    f[N2 // 2:] = (f[: N2 // 2].float() + 0.1 * torch.randn_like(f[: N2 // 2], dtype=torch.float32)).relu().to(dtype)
+    n, C, H, W = shape
+    fx = torch.relu(torch.randn(n, C, H, W, device=device))
+    fy = (fx + 0.1 * torch.randn_like(fx)).relu().to(dtype)
+    fx = fx.to(dtype)
     if layout == "channels_last":
-        f = f.contiguous(memory_format=torch.channels_last)
+        fx, fy = (t.contiguous(memory_format=torch.channels_last) for t in (fx, fy))
     w = torch.rand(C, device=device)
-    g = torch.randn(N2 // 2, device=device)
-    f64 = f.double().requires_grad_()
-    d64 = ref.lpips_distance(f64, w.double(), compute_dtype=torch.float64)
-    (df64,) = torch.autograd.grad(d64, f64, g.double())
+    g = torch.randn(n, device=device)
+    fy64 = fy.double().requires_grad_()
+    d64 = ref.lpips_distance(fx.double(), fy64, w.double(), compute_dtype=torch.float64)
+    (df64,) = torch.autograd.grad(d64, fy64, g.double())
     d64 = d64.detach()
-    del f64
+    del fy64
     impls = [("native", native)]
     skipped = []
     if _backend.triton_available() and (device.type == "cuda" or _backend.triton_interpret()):
@@ -64,18 +66,18 @@ def bench_shape(shape, layout, dtype, device):
         skipped.append(("triton", "needs a CUDA GPU (and triton)"))
     rows, errs = [], {}
     for name, fn in impls:
-        leaf = f.detach().clone().requires_grad_()
-        d = fn(leaf, w)
+        leaf = fy.detach().clone().requires_grad_()
+        d = fn(fx, leaf, w)
         d.backward(g)
         errs[name] = (float((d.detach().double() - d64).abs().max()), float((leaf.grad.double() - df64).abs().max()))
 
         def fwd():
             with torch.no_grad():
-                fn(f, w)
+                fn(fx, fy, w)
 
         def fwd_bwd():
             leaf.grad = None
-            fn(leaf, w).backward(g)
+            fn(fx, leaf, w).backward(g)
 
         fwd_ms, _, _ = time_ms(fwd, device)
         both_ms, _, _ = time_ms(fwd_bwd, device)
@@ -100,15 +102,15 @@ def bench_shape(shape, layout, dtype, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", help="2NxCxHxW (repeatable)")
+    parser.add_argument("--shape", action="append", help="NxCxHxW of each batch's features (repeatable)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shape] if args.shape
               else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     for s in shapes:
-        if len(s) != 4 or s[0] % 2 or s[0] == 0:
-            parser.error(f"--shape must be 2NxCxHxW with an even, non-zero batch, got {'x'.join(map(str, s))}")
+        if len(s) != 4 or min(s) < 1:
+            parser.error(f"--shape must be NxCxHxW with positive sizes, got {'x'.join(map(str, s))}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     rows = []

@@ -209,11 +209,12 @@ def launch_everything(quick):
     for C in (64, 128, 256, 512):
         for dtype in (torch.float32, torch.bfloat16):
             for fmt in (torch.contiguous_format, torch.channels_last):
-                f = torch.randn(2, C, 8, 8, generator=g).to(dtype).contiguous(memory_format=fmt)
+                fx, fy = (torch.randn(1, C, 8, 8, generator=g).to(dtype).contiguous(memory_format=fmt)
+                          for _ in range(2))
                 w = torch.rand(C, generator=g)
-                lpips.lpips_fwd(f, w, 1e-10)
-                for wgrad in (False, True):
-                    lpips.lpips_bwd(torch.ones(1), f, w, 1e-10, wgrad)
+                lpips.lpips_fwd(fx, fy, w, 1e-10)
+                for dx, wgrad in ((False, False), (True, True)):
+                    lpips.lpips_bwd(torch.ones(1), fx, fy, w, 1e-10, dx, True, wgrad)
 
 
 def main():

@@ -17,36 +17,42 @@ def _shape_id(s):
     return "n{}_c{}_h{}_w{}".format(*s)
 
 
-def _make(n, C, H, W, layout, dtype):
-    f = torch.randn(2 * n, C, H, W) * (0.2 + torch.rand(1, C, 1, 1) * 3)
-    # y's features close to x's in half the pixels (the regime of a good reconstruction)
-    f[n:, :, : H // 2] = f[:n, :, : H // 2] + 0.05 * torch.randn(n, C, H // 2, W)
+def _layout(f, layout):
     if layout == "channels_last":
-        f = f.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        wide = torch.randn(2 * n, C, H, 2 * W)
+        return f.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.randn(*f.shape[:3], 2 * f.shape[3])
         wide[..., ::2] = f
-        f = wide[..., ::2]
-    return f.to(dtype)
+        return wide[..., ::2]
+    return f
 
 
-def _run(fn, f, w, g, wgrad):
-    fl = f.detach().clone().requires_grad_()
-    wl = w.detach().clone().requires_grad_(wgrad)
-    d = fn(fl, wl)
+def _make(n, C, H, W, layout, dtype):
+    """Features of x and y; y close to x in half the pixels (the regime of a good reconstruction)."""
+    fx = torch.randn(n, C, H, W) * (0.2 + torch.rand(1, C, 1, 1) * 3)
+    fy = torch.randn(n, C, H, W) * (0.2 + torch.rand(1, C, 1, 1) * 3)
+    fy[:, :, : H // 2] = fx[:, :, : H // 2] + 0.05 * torch.randn(n, C, H // 2, W)
+    return _layout(fx, layout).to(dtype), _layout(fy, layout).to(dtype)
+
+
+def _run(fn, fx, fy, w, g, grads):
+    """Distances and the gradients asked for (``grads``: which of fx, fy, w require grad)."""
+    leaves = [t.detach().clone().requires_grad_(r) for t, r in zip((fx, fy, w), grads)]
+    d = fn(*leaves)
     d.backward(g)
-    return d.detach(), fl.grad, wl.grad
+    return (d.detach(),) + tuple(t.grad for t in leaves)
 
 
-def _check(impl, f, w, wgrad=False):
-    g = torch.randn(f.shape[0] // 2, device=f.device)
-    got = _run(lambda a, b: lpips_distance(a, b, impl=impl), f, w, g, wgrad)
-    same = _run(lambda a, b: ref.lpips_distance(a, b), f, w, g, wgrad)
-    want = _run(lambda a, b: ref.lpips_distance(a, b, compute_dtype=torch.float64), f.double(), w.double(),
-                g.double(), wgrad)
-    assert got[0].dtype == torch.float32 and got[0].shape == (f.shape[0] // 2,)
-    assert got[1].dtype == f.dtype and got[1].shape == f.shape
-    for name, a, s, t in zip(("distance", "dfeats", "dweight"), got, same, want):
+def _check(impl, fx, fy, w, grads=(False, True, False)):
+    g = torch.randn(fx.shape[0], device=fx.device)
+    got = _run(lambda a, b, c: lpips_distance(a, b, c, impl=impl), fx, fy, w, g, grads)
+    same = _run(lambda a, b, c: ref.lpips_distance(a, b, c), fx, fy, w, g, grads)
+    want = _run(lambda a, b, c: ref.lpips_distance(a, b, c, compute_dtype=torch.float64), fx.double(),
+                fy.double(), w.double(), g.double(), grads)
+    assert got[0].dtype == torch.float32 and got[0].shape == (fx.shape[0],)
+    for t, f in zip(got[1:3], (fx, fy)):
+        assert t is None or (t.dtype == f.dtype and t.shape == f.shape)
+    for name, a, s, t in zip(("distance", "dfx", "dfy", "dweight"), got, same, want):
         if t is None:
             assert a is None, f"{name}: expected no gradient"
             continue
@@ -64,68 +70,70 @@ def _check(impl, f, w, wgrad=False):
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_lpips_distance_matches_float64(impl, shape, layout):
     n, C, H, W = shape
-    f = _make(n, C, H, W, layout, torch.float32)
-    _check(impl, f, torch.rand(C), wgrad=(layout == "nchw"))
+    fx, fy = _make(n, C, H, W, layout, torch.float32)
+    _check(impl, fx, fy, torch.rand(C), grads=(True, True, True) if layout == "nchw" else (False, True, False))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_lpips_distance_half_features(impl, dtype):
-    f = _make(2, 64, 6, 5, "channels_last", dtype)
-    _check(impl, f, torch.rand(64))
+    fx, fy = _make(2, 64, 6, 5, "channels_last", dtype)
+    _check(impl, fx, fy, torch.rand(64), grads=(True, True, False))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_lpips_distance_zero_vectors_and_identical_pairs(impl):
-    f = _make(2, 32, 4, 4, "nchw", torch.float32)
-    f[:, :, 0, 0] = 0.0  # zero feature vectors in both halves
-    f[2:, :, 1] = f[:2, :, 1]  # identical rows: zero distance there, finite gradient
-    got = _check(impl, f, torch.rand(32))
-    assert torch.isfinite(got[1]).all()
-    same = _make(1, 16, 3, 3, "nchw", torch.float32)
-    same[1] = same[0]
-    torch.testing.assert_close(lpips_distance(same, torch.rand(16), impl=impl), torch.zeros(1))
+    fx, fy = _make(2, 32, 4, 4, "nchw", torch.float32)
+    fx[:, :, 0, 0] = 0.0  # zero feature vectors in both
+    fy[:, :, 0, 0] = 0.0
+    fy[:, :, 1] = fx[:, :, 1]  # identical rows: zero distance there, finite gradient
+    got = _check(impl, fx, fy, torch.rand(32), grads=(True, True, True))
+    assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+    a, _ = _make(1, 16, 3, 3, "nchw", torch.float32)
+    torch.testing.assert_close(lpips_distance(a, a.clone(), torch.rand(16), impl=impl), torch.zeros(1))
 
 
 def test_lpips_distance_reference_is_the_lpips_formula():
     # the PerceptualLoss formulation (LPIPS' normalize_tensor, difference, 1x1 head, spatial mean)
-    f = _make(2, 24, 5, 6, "nchw", torch.float32)
+    fx, fy = _make(2, 24, 5, 6, "nchw", torch.float32)
     lin = torch.nn.Conv2d(24, 1, 1, bias=False)
-    g = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
-    want = lin((g[:2] - g[2:]).square()).mean(dim=(2, 3)).view(-1)
-    torch.testing.assert_close(lpips_distance(f, lin.weight, impl="reference"), want)
-    torch.testing.assert_close(lpips_distance(f, lin.weight.view(-1), impl="auto"), want)
+    a = fx / (fx.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+    b = fy / (fy.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+    want = lin((a - b).square()).mean(dim=(2, 3)).view(-1)
+    torch.testing.assert_close(lpips_distance(fx, fy, lin.weight, impl="reference"), want)
+    torch.testing.assert_close(lpips_distance(fx, fy, lin.weight.view(-1), impl="auto"), want)
 
 
 def test_lpips_distance_bad_inputs_raise():
     f, w = torch.randn(4, 8, 3, 3), torch.rand(8)
-    with pytest.raises(ValueError, match="it must stack two equal non-empty batches"):
-        lpips_distance(f[:3], w)
-    with pytest.raises(ValueError, match="it must stack two equal non-empty batches"):
-        lpips_distance(f[:0], w)
+    with pytest.raises(ValueError, match=r"fx has shape \(3, 8, 3, 3\) but fy has \(4, 8, 3, 3\)"):
+        lpips_distance(f[:3], f, w)
+    with pytest.raises(ValueError, match="empty batch"):
+        lpips_distance(f[:0], f[:0], w)
     with pytest.raises(ValueError, match="it needs channels and pixels"):
-        lpips_distance(f[:, :, :0], w)
+        lpips_distance(f[:, :, :0], f[:, :, :0], w)
     with pytest.raises(ValueError, match=r"weight has shape \(7,\)"):
-        lpips_distance(f, w[:7])
-    with pytest.raises(ValueError, match="feats must be 4-D"):
-        lpips_distance(f[0], w)
-    with pytest.raises(ValueError, match="feats must have dtype"):
-        lpips_distance(f.double(), w)
+        lpips_distance(f, f, w[:7])
+    with pytest.raises(ValueError, match="fy must be 4-D"):
+        lpips_distance(f, f[0], w)
+    with pytest.raises(ValueError, match="fx must have dtype"):
+        lpips_distance(f.double(), f, w)
     with pytest.raises(ValueError, match="eps must be a real number > 0"):
-        lpips_distance(f, w, eps=0)
+        lpips_distance(f, f, w, eps=0)
     with pytest.raises(RuntimeError, match="no LPIPS kernel"):
-        lpips_distance(f, w, impl="cuda")
+        lpips_distance(f, f, w, impl="cuda")
 
 
 @needs_triton
 def test_lpips_distance_triton_deterministic_and_opcheck():
-    f = _make(2, 48, 7, 5, "channels_last", torch.float32)
+    fx, fy = _make(2, 48, 7, 5, "channels_last", torch.float32)
     w = torch.rand(48)
-    runs = [_run(lambda a, b: lpips_distance(a, b, impl="triton"), f, w, torch.ones(2), True) for _ in range(2)]
+    runs = [_run(lambda a, b, c: lpips_distance(a, b, c, impl="triton"), fx, fy, w, torch.ones(2), (True,) * 3)
+            for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    torch.library.opcheck(torch.ops.lgvq_fast.lpips_fwd.default, (f.requires_grad_(), w, 1e-10))
-    torch.library.opcheck(torch.ops.lgvq_fast.lpips_bwd.default, (torch.randn(2), f.detach(), w, 1e-10, True))
+    torch.library.opcheck(torch.ops.lgvq_fast.lpips_fwd.default, (fx, fy.clone().requires_grad_(), w, 1e-10))
+    torch.library.opcheck(torch.ops.lgvq_fast.lpips_bwd.default, (torch.randn(2), fx, fy, w, 1e-10))
 
 
 @needs_triton
@@ -155,7 +163,7 @@ def test_perceptual_loss_fused_matches_native(monkeypatch):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lpips_distance_gpu_triton_matches_float64(dtype, layout):
-    # the first and the last VGG16 layers at 256x256, batch 8 (x and y features stacked)
+    # the first and the last VGG16 layers at 256x256, batch 8
     for n, C, H, W in ((8, 64, 256, 256), (8, 512, 16, 16)):
-        f = _make(n, C, H, W, layout, dtype).cuda()
-        _check("triton", f, torch.rand(C, device="cuda"), wgrad=True)
+        fx, fy = (t.cuda() for t in _make(n, C, H, W, layout, dtype))
+        _check("triton", fx, fy, torch.rand(C, device="cuda"), grads=(True, True, True))

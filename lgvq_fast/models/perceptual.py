@@ -123,17 +123,18 @@ class PerceptualLoss(nn.Module):
         return f.is_cuda or (self.impl == "triton" and f.device.type == "cpu" and triton_interpret())
 
     def forward(self, x, y):
-        n = x.shape[0]
-        fx = self._features(torch.cat([x, y], dim=0))
+        # one VGG pass per batch, as LPIPS does: x (the real images) needs no gradient, so its pass records no
+        # graph, where one pass over cat([x, y]) would run the VGG's backward over x's half too
+        fx, fy = self._features(x), self._features(y)
         total = 0.0
-        for k, f in enumerate(fx):
+        for k, (a, b) in enumerate(zip(fx, fy)):
             lin = getattr(self, f"lin{k}")
-            if self._fused(f):
+            if self._fused(b):
                 from lgvq_fast.ops.lpips import lpips_distance
 
-                total = total + lpips_distance(f, lin.weight, eps=1e-10, impl="triton").view(n, 1, 1, 1)
+                total = total + lpips_distance(a, b, lin.weight, eps=1e-10, impl="triton").view(-1, 1, 1, 1)
                 continue
-            f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            d = (f[:n] - f[n:]).square()
-            total = total + lin(d).mean(dim=(2, 3), keepdim=True)
+            a = a / (a.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            total = total + lin((a - b).square()).mean(dim=(2, 3), keepdim=True)
         return total
