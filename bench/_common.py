@@ -117,3 +117,23 @@ def write_results(name, device, rows, extra=None, out_dir=None):
         os.replace(tmp, path)
         paths.append(path)
     return paths[0]
+
+
+def judge_against_native(rows, errs, tols, device, skipped=(), **fields):
+    """For benches whose first row is PyTorch's formulation ("native"): mark each row ``ok`` when every error in
+    ``errs[impl]`` is within the matching tolerance in ``tols``, and give its fwd+bwd speed-up over the first
+    row -- none for a wrong row, none for Triton rows off a GPU (interpreter times). Then append a row per
+    ``(impl, why)`` in ``skipped``, carrying ``fields``. Returns ``rows``."""
+    base = rows[0]["fwd_bwd_ms"]
+    for row in rows:
+        ok = all(e <= t for e, t in zip(errs[row["impl"]], tols))
+        row["ok"] = ok
+        if not ok:
+            row["x_vs_native"] = "n/a (wrong)"
+        elif row["impl"] == "triton" and torch.device(device).type != "cuda":
+            row["x_vs_native"] = "n/a (interpreter)"
+        else:
+            row["x_vs_native"] = f"{base / row['fwd_bwd_ms']:.2f}x"
+    for name, why in skipped:
+        rows.append({**fields, "impl": name, "fwd_ms": "skipped", "x_vs_native": why})
+    return rows

@@ -24,7 +24,8 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench._common import device_name, print_table, time_ms, write_results  # noqa: E402
+from bench._common import (device_name, judge_against_native, print_table, time_ms,  # noqa: E402
+                           write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import group_norm  # noqa: E402
 from lgvq_fast.reference import group_norm as ref  # noqa: E402
@@ -93,17 +94,8 @@ def bench_shape(shape, layout, dtype, device):
     rnd = torch.finfo(dtype).eps
     y_tol = 2 * errs["native"][0] + 4 * rnd * float(y64.abs().max())
     dx_tol = 2 * errs["native"][1] + 4 * rnd * float(dx64.abs().max())
-    base = rows[0]["fwd_bwd_ms"]
-    for row in rows:
-        ok = errs[row["impl"]][0] <= y_tol and errs[row["impl"]][1] <= dx_tol
-        row["ok"] = ok
-        row["x_vs_native"] = f"{base / row['fwd_bwd_ms']:.2f}x" if ok else "n/a (wrong)"
-        if row["impl"] == "triton" and device.type != "cuda":
-            row["x_vs_native"] = "n/a (interpreter)" if ok else "n/a (wrong)"
-    for name, why in skipped:
-        rows.append({"shape": "x".join(map(str, shape)), "layout": layout, "impl": name, "fwd_ms": "skipped",
-                     "x_vs_native": why})
-    return rows
+    return judge_against_native(rows, errs, (y_tol, dx_tol), device, skipped, shape="x".join(map(str, shape)),
+                                layout=layout)
 
 
 def main():

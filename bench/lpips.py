@@ -23,7 +23,8 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import device_name, print_table, time_ms, write_results  # noqa: E402
+from bench._common import (device_name, judge_against_native, print_table, time_ms,  # noqa: E402
+                           write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import lpips_distance  # noqa: E402
 from lgvq_fast.reference import lpips as ref  # noqa: E402
@@ -87,17 +88,8 @@ def bench_shape(shape, layout, dtype, device):
     rnd = torch.finfo(dtype).eps
     d_tol = 2 * errs["native"][0] + 8 * rnd * float(d64.abs().max())
     df_tol = 2 * errs["native"][1] + 8 * rnd * float(df64.abs().max())
-    base = rows[0]["fwd_bwd_ms"]
-    for row in rows:
-        ok = errs[row["impl"]][0] <= d_tol and errs[row["impl"]][1] <= df_tol
-        row["ok"] = ok
-        row["x_vs_native"] = f"{base / row['fwd_bwd_ms']:.2f}x" if ok else "n/a (wrong)"
-        if row["impl"] == "triton" and device.type != "cuda":
-            row["x_vs_native"] = "n/a (interpreter)" if ok else "n/a (wrong)"
-    for name, why in skipped:
-        rows.append({"shape": "x".join(map(str, shape)), "layout": layout, "impl": name, "fwd_ms": "skipped",
-                     "x_vs_native": why})
-    return rows
+    return judge_against_native(rows, errs, (d_tol, df_tol), device, skipped, shape="x".join(map(str, shape)),
+                                layout=layout)
 
 
 def main():

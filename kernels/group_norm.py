@@ -35,6 +35,7 @@ import triton.language as tl
 
 from lgvq_fast import _alloc
 from lgvq_fast._backend import env_flag, triton_interpret as _interpret
+from lgvq_fast.kernels._layout import hw_strides, load_tile, store_tile
 
 # elements per [BLOCK_HW, BLOCK_C] tile; BLOCK_HW follows from C
 TILE_ELEMS = 4096
@@ -115,6 +116,17 @@ def _tile_offsets(pid_t, i, ITERS: tl.constexpr, BLOCK_HW: tl.constexpr, OFFS_64
 
 
 @triton.jit
+def _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, pid_n, G, CG, offs_c, mask_c):
+    """Per channel of sample ``pid_n``: its group's mean and rstd, and the affine weight and bias (fp32)."""
+    grp = pid_n * G + offs_c // CG
+    mean_c = tl.load(mean_ptr + grp, mask=mask_c, other=0.0)
+    rstd_c = tl.load(rstd_ptr + grp, mask=mask_c, other=0.0)
+    w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return mean_c, rstd_c, w, b
+
+
+@triton.jit
 def _group_norm_fwd_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     HW, C, G, CG, T,
@@ -127,7 +139,6 @@ def _group_norm_fwd_stats_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     offs_g = tl.arange(0, BLOCK_G)
     mask_c = offs_c < C
-    x_base = x_ptr + pid_n * stride_xn
     # per channel: mean and centred sum of squares of this program's rows, each sub-tile centred on its own
     # column means and merged with Chan's formula (only the last valid sub-tile can be partial, and the ones
     # after it are empty: n_b = 0 leaves the run unchanged)
@@ -136,8 +147,7 @@ def _group_norm_fwd_stats_kernel(
     for i in range(ITERS):
         offs_hw = _tile_offsets(pid_t, i, ITERS, BLOCK_HW, OFFS_64)
         mask = (offs_hw < HW)[:, None] & mask_c[None, :]
-        x = tl.load(x_base + offs_hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc,
-                    mask=mask, other=0.0).to(tl.float32)
+        x = load_tile(x_ptr, pid_n, offs_hw, offs_c, mask, stride_xn, stride_xhw, stride_xc)
         n_b = tl.maximum(tl.minimum(HW - (pid_t * ITERS + i) * BLOCK_HW, BLOCK_HW), 0).to(tl.float32)
         m_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
         d = tl.where(mask, x - m_b[None, :], 0.0)
@@ -203,21 +213,15 @@ def _group_norm_fwd_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    grp = pid_n * G + offs_c // CG
-    mean_c = tl.load(mean_ptr + grp, mask=mask_c, other=0.0)
-    rstd_c = tl.load(rstd_ptr + grp, mask=mask_c, other=0.0)
-    w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    mean_c, rstd_c, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, pid_n, G, CG, offs_c, mask_c)
     scale = rstd_c * w
     offs_hw = _tile_offsets(pid_t, 0, 1, BLOCK_HW, OFFS_64)
     mask = (offs_hw < HW)[:, None] & mask_c[None, :]
-    x = tl.load(x_ptr + pid_n * stride_xn + offs_hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
+    x = load_tile(x_ptr, pid_n, offs_hw, offs_c, mask, stride_xn, stride_xhw, stride_xc)
     y = (x - mean_c[None, :]) * scale[None, :] + b[None, :]
     if ACT:
         y = y / (1.0 + tl.exp(-y))
-    tl.store(y_ptr + pid_n * stride_yn + offs_hw[:, None] * stride_yhw + offs_c[None, :] * stride_yc,
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_tile(y_ptr, y, pid_n, offs_hw, offs_c, mask, stride_yn, stride_yhw, stride_yc)
 
 
 @triton.jit
@@ -231,20 +235,14 @@ def _group_norm_bwd_partial_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    grp = pid_n * G + offs_c // CG
-    mean_c = tl.load(mean_ptr + grp, mask=mask_c, other=0.0)
-    rstd_c = tl.load(rstd_ptr + grp, mask=mask_c, other=0.0)
-    w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    mean_c, rstd_c, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, pid_n, G, CG, offs_c, mask_c)
     acc_ds = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(ITERS):
         offs_hw = _tile_offsets(pid_t, i, ITERS, BLOCK_HW, OFFS_64)
         mask = (offs_hw < HW)[:, None] & mask_c[None, :]
-        x = tl.load(x_ptr + pid_n * stride_xn + offs_hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc,
-                    mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + pid_n * stride_dn + offs_hw[:, None] * stride_dhw + offs_c[None, :] * stride_dc,
-                    mask=mask, other=0.0).to(tl.float32)
+        x = load_tile(x_ptr, pid_n, offs_hw, offs_c, mask, stride_xn, stride_xhw, stride_xc)
+        g = load_tile(dy_ptr, pid_n, offs_hw, offs_c, mask, stride_dn, stride_dhw, stride_dc)
         xhat = (x - mean_c[None, :]) * rstd_c[None, :]
         if ACT:
             g = _silu_grad(g, xhat * w[None, :] + b[None, :])
@@ -299,30 +297,19 @@ def _group_norm_bwd_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    mean_c, rstd_c, w, b = _channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, pid_n, G, CG, offs_c, mask_c)
     grp = pid_n * G + offs_c // CG
-    mean_c = tl.load(mean_ptr + grp, mask=mask_c, other=0.0)
-    rstd_c = tl.load(rstd_ptr + grp, mask=mask_c, other=0.0)
     c1 = tl.load(coef_ptr + grp, mask=mask_c, other=0.0)
     c2 = tl.load(coef_ptr + N * G + grp, mask=mask_c, other=0.0)
-    w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     offs_hw = _tile_offsets(pid_t, 0, 1, BLOCK_HW, OFFS_64)
     mask = (offs_hw < HW)[:, None] & mask_c[None, :]
-    x = tl.load(x_ptr + pid_n * stride_xn + offs_hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(dy_ptr + pid_n * stride_dn + offs_hw[:, None] * stride_dhw + offs_c[None, :] * stride_dc,
-                mask=mask, other=0.0).to(tl.float32)
+    x = load_tile(x_ptr, pid_n, offs_hw, offs_c, mask, stride_xn, stride_xhw, stride_xc)
+    g = load_tile(dy_ptr, pid_n, offs_hw, offs_c, mask, stride_dn, stride_dhw, stride_dc)
     xhat = (x - mean_c[None, :]) * rstd_c[None, :]
     if ACT:
         g = _silu_grad(g, xhat * w[None, :] + b[None, :])
     dx = rstd_c[None, :] * (g * w[None, :] - c1[None, :] - xhat * c2[None, :])
-    tl.store(dx_ptr + pid_n * stride_on + offs_hw[:, None] * stride_ohw + offs_c[None, :] * stride_oc,
-             dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-def _nhwc_strides(t):
-    """(stride_n, stride_hw, stride_c) of a [N, C, H, W] tensor whose H, W fold into one index."""
-    return t.stride(0), t.stride(3), t.stride(1)
+    store_tile(dx_ptr, dx, pid_n, offs_hw, offs_c, mask, stride_on, stride_ohw, stride_oc)
 
 
 def _offs_64(*tensors):
@@ -352,30 +339,27 @@ def _iters(N, HW, block_hw):
     return iters
 
 
-def _empty_like_format(x):
-    out = torch.empty_like(x)
-    if _alloc.poison_enabled():
-        out.fill_(float("nan"))
-    return out
+def _plan(x, num_groups):
+    """Sizes and tiling shared by the forward and the backward launches."""
+    N, C, H, W = x.shape
+    HW, G = H * W, num_groups
+    block_hw, block_c, block_g = _blocks(C, G)
+    iters = _iters(N, HW, block_hw)
+    return N, C, HW, G, C // G, block_hw, block_c, block_g, iters, triton.cdiv(HW, block_hw * iters)
 
 
 def group_norm_fwd(x, weight, bias, num_groups, eps, act):
     """x: [N, C, H, W] with H and W foldable (NCHW- or channels_last-contiguous); weight, bias: [C].
 
     Returns ``(y, mean, rstd)``: y like x (same dtype and memory format), mean and rstd fp32 [N, G]."""
-    N, C, H, W = x.shape
-    HW, G = H * W, num_groups
-    CG = C // G
-    block_hw, block_c, block_g = _blocks(C, G)
-    iters = _iters(N, HW, block_hw)
-    T = triton.cdiv(HW, block_hw * iters)
+    N, C, HW, G, CG, block_hw, block_c, block_g, iters, T = _plan(x, num_groups)
     dev = x.device
     pmean = _alloc.empty((N, T, G), torch.float32, dev)
     pm2 = _alloc.empty((N, T, G), torch.float32, dev)
     mean = _alloc.empty((N, G), torch.float32, dev)
     rstd = _alloc.empty((N, G), torch.float32, dev)
-    y = _empty_like_format(x)
-    sx = _nhwc_strides(x)
+    y = _alloc.empty_like(x)
+    sx = hw_strides(x)
     offs_64 = _offs_64(x, y)
     _group_norm_fwd_stats_kernel[(T, N)](
         x, pmean, pm2, HW, C, G, CG, T, *sx, RESHAPE=_reshape_groups(C, G), OFFS_64=offs_64,
@@ -384,26 +368,21 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, act):
         pmean, pm2, mean, rstd, HW, G, CG, T, block_hw * iters, eps,
         BLOCK_T=max(1, FINALIZE_ELEMS // block_g), BLOCK_G=block_g)
     _group_norm_fwd_kernel[lambda meta: (triton.cdiv(HW, meta["BLOCK_HW"]), N)](
-        x, y, weight, bias, mean, rstd, HW, C, G, CG, *sx, *_nhwc_strides(y),
+        x, y, weight, bias, mean, rstd, HW, C, G, CG, *sx, *hw_strides(y),
         ACT=act, OFFS_64=offs_64, BLOCK_C=block_c)
     return y, mean, rstd
 
 
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act):
     """Gradients of :func:`group_norm_fwd`: ``(dx, dwb)``, dx like x, dwb fp32 [2, C] = (dweight, dbias)."""
-    N, C, H, W = x.shape
-    HW, G = H * W, num_groups
-    CG = C // G
-    block_hw, block_c, block_g = _blocks(C, G)
-    iters = _iters(N, HW, block_hw)
-    T = triton.cdiv(HW, block_hw * iters)
+    N, C, HW, G, CG, block_hw, block_c, block_g, iters, T = _plan(x, num_groups)
     dev = x.device
     pds = _alloc.empty((N, T, C), torch.float32, dev)
     pdb = _alloc.empty((N, T, C), torch.float32, dev)
     sums = _alloc.empty((2, N, C), torch.float32, dev)
     coef = _alloc.empty((2, N, G), torch.float32, dev)
-    dx = _empty_like_format(x)
-    sx, sd = _nhwc_strides(x), _nhwc_strides(dy)
+    dx = _alloc.empty_like(x)
+    sx, sd = hw_strides(x), hw_strides(dy)
     offs_64 = _offs_64(x, dy, dx)
     _group_norm_bwd_partial_kernel[(T, N)](
         x, dy, weight, bias, mean, rstd, pds, pdb, HW, C, G, CG, T, *sx, *sd,
@@ -412,6 +391,6 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act):
         pds, pdb, weight, sums, coef, N, HW, C, G, CG, T, RESHAPE=_reshape_groups(C, G),
         BLOCK_T=max(1, FINALIZE_ELEMS // block_c), BLOCK_C=block_c, BLOCK_G=block_g)
     _group_norm_bwd_kernel[lambda meta: (triton.cdiv(HW, meta["BLOCK_HW"]), N)](
-        x, dy, dx, weight, bias, mean, rstd, coef, N, HW, C, G, CG, *sx, *sd, *_nhwc_strides(dx),
+        x, dy, dx, weight, bias, mean, rstd, coef, N, HW, C, G, CG, *sx, *sd, *hw_strides(dx),
         ACT=act, OFFS_64=offs_64, BLOCK_C=block_c)
     return dx, sums.sum(1)

@@ -20,16 +20,11 @@ import triton
 import triton.language as tl
 
 from lgvq_fast import _alloc
+from lgvq_fast.kernels._layout import hw_strides, load_tile, store_tile
 
 # elements of fx per tile (the fy tile doubles it)
 TILE_ELEMS = 2048
 NUM_WARPS = 8
-
-
-@triton.jit
-def _load_tile(f_ptr, pid_i, offs_p, offs_c, mask, stride_n, stride_p, stride_c):
-    ptrs = f_ptr + pid_i * stride_n + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -44,8 +39,8 @@ def _lpips_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     offs_p = (pid_t * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     mask = (offs_p < HW)[:, None] & (offs_c < C)[None, :]
-    a = _load_tile(x_ptr, pid_i, offs_p, offs_c, mask, stride_xn, stride_xp, stride_xc)
-    b = _load_tile(y_ptr, pid_i, offs_p, offs_c, mask, stride_yn, stride_yp, stride_yc)
+    a = load_tile(x_ptr, pid_i, offs_p, offs_c, mask, stride_xn, stride_xp, stride_xc)
+    b = load_tile(y_ptr, pid_i, offs_p, offs_c, mask, stride_yn, stride_yp, stride_yc)
     w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
     na = tl.sqrt_rn(tl.sum(a * a, axis=1)) + eps  # [BLOCK_P]
     nb = tl.sqrt_rn(tl.sum(b * b, axis=1)) + eps
@@ -68,8 +63,8 @@ def _lpips_bwd_kernel(
     mask_c = offs_c < C
     offs_p = (pid_t * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     mask = (offs_p < HW)[:, None] & mask_c[None, :]
-    a = _load_tile(x_ptr, pid_i, offs_p, offs_c, mask, stride_xn, stride_xp, stride_xc)
-    b = _load_tile(y_ptr, pid_i, offs_p, offs_c, mask, stride_yn, stride_yp, stride_yc)
+    a = load_tile(x_ptr, pid_i, offs_p, offs_c, mask, stride_xn, stride_xp, stride_xc)
+    b = load_tile(y_ptr, pid_i, offs_p, offs_c, mask, stride_yn, stride_yp, stride_yc)
     w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     scale = tl.load(grad_ptr + pid_i).to(tl.float32) / HW
     la = tl.sqrt_rn(tl.sum(a * a, axis=1))
@@ -82,32 +77,18 @@ def _lpips_bwd_kernel(
         # (x . r) / ||x||, 0 where the feature vector is 0 (then u = 0 too)
         pa = tl.where(la > 0, tl.sum(a * r, axis=1) / tl.where(la > 0, la, 1.0), 0.0)
         da = (r - u * pa[:, None]) / (la + eps)[:, None]
-        tl.store(dx_ptr + pid_i * stride_dxn + offs_p[:, None] * stride_dxp + offs_c[None, :] * stride_dxc,
-                 da.to(dx_ptr.dtype.element_ty), mask=mask)
+        store_tile(dx_ptr, da, pid_i, offs_p, offs_c, mask, stride_dxn, stride_dxp, stride_dxc)
     if DY:
         pb = tl.where(lb > 0, tl.sum(b * r, axis=1) / tl.where(lb > 0, lb, 1.0), 0.0)
         db = (v * pb[:, None] - r) / (lb + eps)[:, None]
-        tl.store(dy_ptr + pid_i * stride_dyn + offs_p[:, None] * stride_dyp + offs_c[None, :] * stride_dyc,
-                 db.to(dy_ptr.dtype.element_ty), mask=mask)
+        store_tile(dy_ptr, db, pid_i, offs_p, offs_c, mask, stride_dyn, stride_dyp, stride_dyc)
     if WGRAD:
         tl.store(wpart_ptr + (pid_i * T + pid_t) * C + offs_c, tl.sum(diff * diff, axis=0) * scale, mask=mask_c)
-
-
-def _strides(t):
-    """(stride_n, stride_pixel, stride_c) of a [N, C, H, W] tensor whose H, W fold into one index."""
-    return t.stride(0), t.stride(3), t.stride(1)
 
 
 def _blocks(C):
     block_c = triton.next_power_of_2(C)
     return max(1, min(128, TILE_ELEMS // block_c)), block_c
-
-
-def _empty_like(t):
-    out = torch.empty_like(t)
-    if _alloc.poison_enabled():
-        out.fill_(float("nan"))
-    return out
 
 
 def lpips_fwd(fx, fy, weight, eps):
@@ -117,7 +98,7 @@ def lpips_fwd(fx, fy, weight, eps):
     block_p, block_c = _blocks(C)
     T = triton.cdiv(HW, block_p)
     part = _alloc.empty((n, T), torch.float32, fx.device)
-    _lpips_fwd_kernel[(T, n)](fx, fy, weight, part, HW, C, T, eps, *_strides(fx), *_strides(fy),
+    _lpips_fwd_kernel[(T, n)](fx, fy, weight, part, HW, C, T, eps, *hw_strides(fx), *hw_strides(fy),
                               BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return part.sum(1).div_(HW)
 
@@ -129,13 +110,13 @@ def lpips_bwd(grad, fx, fy, weight, eps, dx, dy, wgrad):
     HW = H * W
     block_p, block_c = _blocks(C)
     T = triton.cdiv(HW, block_p)
-    dfx = _empty_like(fx) if dx else None
-    dfy = _empty_like(fy) if dy else None
+    dfx = _alloc.empty_like(fx) if dx else None
+    dfy = _alloc.empty_like(fy) if dy else None
     wpart = _alloc.empty((n, T, C), torch.float32, fx.device) if wgrad else None
     # unused outputs get a pointer that is never written
-    sdx = _strides(dfx) if dx else (0, 0, 0)
-    sdy = _strides(dfy) if dy else (0, 0, 0)
+    sdx = hw_strides(dfx) if dx else (0, 0, 0)
+    sdy = hw_strides(dfy) if dy else (0, 0, 0)
     _lpips_bwd_kernel[(T, n)](fx, fy, weight, grad, dfx if dx else fx, dfy if dy else fy, wpart if wgrad else fx,
-                              HW, C, T, eps, *_strides(fx), *_strides(fy), *sdx, *sdy,
+                              HW, C, T, eps, *hw_strides(fx), *hw_strides(fy), *sdx, *sdy,
                               DX=dx, DY=dy, WGRAD=wgrad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return dfx, dfy, (wpart.sum((0, 1)) if wgrad else None)

@@ -32,3 +32,11 @@ def empty(shape, dtype, device):
         else:
             out.fill_(torch.iinfo(dtype).min)
     return out
+
+
+def empty_like(t):
+    """``torch.empty_like(t)`` (same dtype, device and memory format), poisoned like :func:`empty`."""
+    out = torch.empty_like(t)
+    if _POISON and out.numel() > 0 and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

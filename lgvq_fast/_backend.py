@@ -92,3 +92,15 @@ def resolve_impl(op, impl, device):
     if device.type != "cuda":
         raise RuntimeError(f"{op}: impl='cuda' needs CUDA tensors; got tensors on {device}")
     return impl
+
+
+def resolve_no_cuda_kernel(op, impl, device, kernel):
+    """``resolve_impl`` for an op with Triton and reference backends only: ``impl="cuda"`` raises (the compiled
+    extension has no ``kernel`` kernel) and ``auto`` on CUDA picks triton when it imports, else the reference."""
+    if impl == "cuda":
+        raise RuntimeError(f"{op}: impl='cuda' is not available: the compiled extension has no {kernel} kernel; "
+                           "use impl='triton' (or 'auto')")
+    backend = resolve_impl(op, impl, device)
+    if backend == "cuda":
+        backend = "triton" if triton_available() else "reference"
+    return backend

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public ops. Each error names the argument."""
+"""Argument checks shared by the public ops (each error names the argument), and their input-layout helper."""
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,3 +31,11 @@ def check_finite(op, name, t):
     """Raise if ``t`` holds NaN or inf (costs one reduction; used on small inputs or on request)."""
     if t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{op}: {name} contains NaN or inf")
+
+
+def foldable_hw(t):
+    """``t`` [N, C, H, W] whose H and W fold into one index (NCHW- or channels_last-dense, or broadcast), as the
+    GroupNorm and LPIPS kernels read it; anything else is copied to NCHW."""
+    if t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
+        return t
+    return t.contiguous()

@@ -27,8 +27,8 @@ import numbers
 
 import torch
 
-from lgvq_fast._backend import resolve_impl, triton_available
-from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from lgvq_fast._backend import resolve_no_cuda_kernel
+from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, foldable_hw
 from lgvq_fast.reference import group_norm as _ref
 
 DEFAULT_EPS = 1e-6
@@ -58,7 +58,7 @@ def _group_norm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from lgvq_fast.kernels.group_norm import group_norm_bwd
 
-    return group_norm_bwd(_foldable(grad), x, weight, bias, mean, rstd, num_groups, act)
+    return group_norm_bwd(foldable_hw(grad), x, weight, bias, mean, rstd, num_groups, act)
 
 
 @_group_norm_bwd_op.register_fake
@@ -107,7 +107,7 @@ class GroupNormFunction(torch.autograd.Function):
         from lgvq_fast.kernels.group_norm import group_norm_bwd
 
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dwb = group_norm_bwd(_foldable(grad_y), x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
+        dx, dwb = group_norm_bwd(foldable_hw(grad_y), x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
         return dx, dwb[0].to(weight.dtype), dwb[1].to(bias.dtype), None, None, None
 
 
@@ -115,18 +115,10 @@ def group_norm_triton(x, weight, bias, num_groups, eps, act):
     """The Triton path without argument checks, for callers that guarantee them (the VQGAN GroupNorm module):
     x [N >= 1, C, H, W] on CUDA (or CPU under TRITON_INTERPRET), weight and bias [C], C divisible by num_groups
     and ``triton_supports(C, num_groups)``."""
-    x = _foldable(x)
+    x = foldable_hw(x)
     if torch.compiler.is_compiling():
         return _group_norm_fwd_op(x, weight, bias, num_groups, eps, act)[0]
     return GroupNormFunction.apply(x, weight, bias, num_groups, eps, act)
-
-
-def _foldable(t):
-    """``t`` [N, C, H, W] whose H and W fold into one index (NCHW- or channels_last-dense, or broadcast),
-    as the kernels read it; anything else is copied to NCHW."""
-    if t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
-        return t
-    return t.contiguous()
 
 
 def _check(x, weight, bias, num_groups, eps):
@@ -157,12 +149,7 @@ def triton_supports(C, num_groups):
 
 def _resolve(impl, device, C, num_groups):
     op = "group_norm"
-    if impl == "cuda":
-        raise RuntimeError(f"{op}: impl='cuda' is not available: the compiled extension has no GroupNorm kernel; "
-                           "use impl='triton' (or 'auto')")
-    backend = resolve_impl(op, impl, device)
-    if backend == "cuda":
-        backend = "triton" if triton_available() else "reference"
+    backend = resolve_no_cuda_kernel(op, impl, device, "GroupNorm")
     if backend == "triton" and not triton_supports(C, num_groups):
         if impl == "triton":
             raise ValueError(f"{op}: impl='triton' supports C * num_groups <= {TRITON_MAX_C_TIMES_G}, "
@@ -183,7 +170,7 @@ def group_norm(x, weight, bias, num_groups, *, eps=DEFAULT_EPS, act=False, impl=
     if backend == "reference":
         return _ref.group_norm(x, weight, bias, num_groups, eps, act)
     shape = x.shape
-    x4 = _foldable(x if x.dim() == 4 else x.reshape(N, C, -1, 1))
+    x4 = foldable_hw(x if x.dim() == 4 else x.reshape(N, C, -1, 1))
     w = weight.contiguous() if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
     b = bias.contiguous() if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
     y = group_norm_triton(x4, w, b, int(num_groups), eps, bool(act))

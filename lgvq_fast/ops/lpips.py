@@ -24,8 +24,8 @@ import numbers
 
 import torch
 
-from lgvq_fast._backend import resolve_impl, triton_available
-from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from lgvq_fast._backend import resolve_no_cuda_kernel
+from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, foldable_hw
 from lgvq_fast.reference import lpips as _ref
 
 DEFAULT_EPS = _ref.DEFAULT_EPS
@@ -96,12 +96,6 @@ class LpipsFunction(torch.autograd.Function):
         return dfx, dfy, dweight.to(weight.dtype) if need_w else None, None
 
 
-def _foldable(t):
-    if t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
-        return t
-    return t.contiguous()
-
-
 def _check(fx, fy, weight, eps):
     op = "lpips_distance"
     check_tensor(op, "fx", fx, dtypes=FLOAT_DTYPES, ndim=4)
@@ -122,17 +116,6 @@ def _check(fx, fy, weight, eps):
     return float(eps)
 
 
-def _resolve(impl, device):
-    op = "lpips_distance"
-    if impl == "cuda":
-        raise RuntimeError(f"{op}: impl='cuda' is not available: the compiled extension has no LPIPS kernel; "
-                           "use impl='triton' (or 'auto')")
-    backend = resolve_impl(op, impl, device)
-    if backend == "cuda":
-        backend = "triton" if triton_available() else "reference"
-    return backend
-
-
 def lpips_distance(fx, fy, weight, *, eps=DEFAULT_EPS, impl="auto"):
     """Per-pair LPIPS distance of one layer (fp32 ``[n]``); see the module docstring.
 
@@ -141,9 +124,9 @@ def lpips_distance(fx, fy, weight, *, eps=DEFAULT_EPS, impl="auto"):
     """
     eps = _check(fx, fy, weight, eps)
     w = weight.reshape(-1)
-    if _resolve(impl, fx.device) == "reference":
+    if resolve_no_cuda_kernel("lpips_distance", impl, fx.device, "LPIPS") == "reference":
         return _ref.lpips_distance(fx, fy, w, eps)
-    fx, fy, w = _foldable(fx), _foldable(fy), w.contiguous()
+    fx, fy, w = foldable_hw(fx), foldable_hw(fy), w.contiguous()
     if torch.compiler.is_compiling():
         return _lpips_fwd_op(fx, fy, w, eps)
     return LpipsFunction.apply(fx, fy, w, eps)

@@ -37,7 +37,7 @@ import numbers
 import torch
 
 from lgvq_fast import _alloc
-from lgvq_fast._backend import resolve_impl, triton_available
+from lgvq_fast._backend import resolve_no_cuda_kernel
 from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from lgvq_fast.reference import relation as _ref
 
@@ -157,14 +157,7 @@ def _check(text_feats, vision_tokens, codes, pad_mask, eps):
 
 def _resolve(impl, device, L):
     op = "relation_loss"
-    if impl == "cuda":
-        raise RuntimeError(
-            f"{op}: impl='cuda' is not available: the compiled extension has no relation-loss kernel; "
-            "use impl='triton' (or 'auto')"
-        )
-    backend = resolve_impl(op, impl, device)
-    if backend == "cuda":
-        backend = "triton" if triton_available() else "reference"
+    backend = resolve_no_cuda_kernel(op, impl, device, "relation-loss")
     if backend == "triton" and L > TRITON_MAX_L:
         if impl == "triton":
             raise ValueError(f"{op}: impl='triton' supports L <= {TRITON_MAX_L} words, got L={L}")
