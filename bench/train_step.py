@@ -123,6 +123,34 @@ def ours_step(s, device, compiled):
     return fn
 
 
+def ours_graph_step(s, device, warmup=3):
+    """"ours" with the step captured in a CUDA graph (``train.cuda_graph``): the trainer's GraphedTrainStep with
+    capturable fused Adam, autocast without its cast cache, the text batch in its fixed-size form. Builds,
+    warms up and captures on the first call of the returned factory; returns ``(fn, setup_bytes)``, the bytes
+    the warm-up and capture left allocated (the graph's memory pool, the optimizer state)."""
+    from lgvq_fast.train import make_optimizers
+    from lgvq_fast.train_graph import GraphedTrainStep
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=True, cache_enabled=False)
+
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    opt_g, opt_d = make_optimizers(s["model"], s["loss_mod"], 1e-5, (0.5, 0.9), device, capturable=True)
+    graphed = GraphedTrainStep(s["model"], s["model"], s["loss_mod"], s["swap"], opt_g, opt_d, s["text_encoder"],
+                               autocast, s["cfg"], warmup=warmup)
+    text = s["text"].fixed_size()
+
+    def fn():
+        graphed(s["x_ours"], text, 10**9)
+
+    for _ in range(warmup + 1):
+        fn()
+    torch.cuda.synchronize(device)
+    assert graphed.captures == 1 and graphed.replays == 1, "the step was not captured"
+    return fn, torch.cuda.memory_allocated(device) - base
+
+
 @contextlib.contextmanager
 def official_ops(model, loss_mod=None):
     """The official code's op formulations: PyTorch nearest-code search and codebook update (this package's
@@ -219,6 +247,8 @@ def main():
                    help="'ours': the VQGAN GroupNorm + swish (train.norm_impl); the official-style arm uses native")
     p.add_argument("--no-precast", action="store_true",
                    help="'ours': leave the convolution weights to autocast's per-call casts (LGVQ.precast off)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time 'ours' captured in a CUDA graph (train.cuda_graph), right after eager 'ours'")
     p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--tag", default="", help="results file name: train_step[_TAG]_<card>.json")
@@ -227,6 +257,8 @@ def main():
     if args.compile == "blocks" and not args.skip_reference:
         p.error("--compile blocks compiles the model all arms share in place: use it with --skip-reference")
     device = torch.device(args.device)
+    if args.cuda_graph and (device.type != "cuda" or args.compile):
+        p.error("--cuda-graph needs a CUDA device and excludes --compile")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -239,30 +271,49 @@ def main():
     else:
         compiled = s["model"]
     variants = [("ours (1 fwd, bf16)" if device.type == "cuda" else "ours (1 fwd)", ours_step(s, device, compiled))]
+    if args.cuda_graph:
+        variants.append(("ours (CUDA graph)", "graph"))
     if not args.skip_reference:
         variants.append(("reference (2 fwd, fp32)", reference_step(s, device)))
         variants.append(("official-style (2 fwd, fp32, loop RAS)", reference_step(s, device, official=True)))
     rows = []
+    ours_arms = 2 if args.cuda_graph else 1
     for i, (name, fn) in enumerate(variants):
-        if i == 1 and args.channels_last:
+        if i == ours_arms and args.channels_last:
             # the reference arms run in the default layout, as the official code does
             for m in (s["model"], s["loss_mod"]):
                 m.to(memory_format=torch.contiguous_format)
+        setup_bytes = 0
+        if fn == "graph":
+            try:
+                fn, setup_bytes = ours_graph_step(s, device)
+            except Exception as exc:  # report it and time the other arms
+                print(f"{name}: capture failed: {type(exc).__name__}: {exc}")
+                rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                torch.cuda.synchronize(device)
+                continue
         ms, q20, q80 = time_ms(fn, device, gpu_rep_ms=3000)  # a step is ~0.1-1 s: at least a few timed steps
         mem = extra_memory_bytes(fn, device)
+        if mem is not None:
+            # a captured step's activations live in the graph's pool, allocated before the timed call
+            mem += setup_bytes
         rows.append({"variant": name, "ms": round(ms, 2), "q20_ms": round(q20, 2), "q80_ms": round(q80, 2),
                      "images_per_s": round(s["batch"] * 1e3 / ms, 2), "peak_extra_mem": fmt_bytes(mem),
                      "peak_extra_bytes": mem})
         if i == 0 and args.profile:
             write_profile(fn, device, args.profile)
-    if len(rows) == 3:
-        rows[0]["speedup_vs_reference"] = round(rows[1]["ms"] / rows[0]["ms"], 2)
-        rows[0]["speedup_vs_official_style"] = round(rows[2]["ms"] / rows[0]["ms"], 2)
+    if len(rows) == ours_arms + 2:
+        ref_ms, official_ms = rows[-2]["ms"], rows[-1]["ms"]
+        for row in rows[:ours_arms]:
+            if "ms" in row:
+                row["speedup_vs_reference"] = round(ref_ms / row["ms"], 2)
+                row["speedup_vs_official_style"] = round(official_ms / row["ms"], 2)
     cfg = s["cfg"]
     shape = {"batch": s["batch"], "resolution": cfg.resolution, "codebook_size": cfg.codebook_size,
              "embed_dim": cfg.embed_dim, "text_len": cfg.max_text_len, "gan_active": True,
              "perceptual": s["loss_mod"].perceptual is not None, "compile": args.compile or False,
-             "channels_last": args.channels_last, "norm_impl": args.norm_impl, "precast": not args.no_precast}
+             "channels_last": args.channels_last, "norm_impl": args.norm_impl, "precast": not args.no_precast,
+             "cuda_graph_arm": args.cuda_graph}
     print(f"train step on {device_name(device)}: {shape}")
     print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),
                        ("peak_extra_mem", "peak extra mem"), ("speedup_vs_reference", "vs reference"),

@@ -60,6 +60,10 @@ __global__ void _codebook_prep_kernel(const float* __restrict__ e, int k_codes, 
   }
 }
 
+// Rounding can leave a distance slightly below 0: clamp it, but keep a NaN (fmaxf would turn it into 0, which
+// reads as an exact match for a row holding NaN).
+__device__ __forceinline__ float clamp_dist(float d) { return d < 0.f ? 0.f : d; }
+
 template <typename ZT, bool EXACT>
 __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
     const ZT* __restrict__ z, int64_t n_rows, int d, int64_t z_stride, int dp, const __nv_bfloat16* __restrict__ e_hi,
@@ -228,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
     if (tig == 0 && row < n_rows) {
       indices[row] = i;
       const float dist = metric == kL2 ? z_sq[r] + v : 1.f + 0.5f * v;
-      distances[row] = fmaxf(dist, 0.f);
+      distances[row] = clamp_dist(dist);
     }
   }
 }
@@ -261,7 +265,7 @@ __global__ void _nearest_code_scalar_kernel(const ZT* __restrict__ z, int64_t n_
     }
   }
   indices[row] = best_k;
-  distances[row] = fmaxf(metric == kL2 ? zsq + best : 1.f + 0.5f * best, 0.f);
+  distances[row] = clamp_dist(metric == kL2 ? zsq + best : 1.f + 0.5f * best);
 }
 
 template <typename ZT>

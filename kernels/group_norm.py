@@ -348,6 +348,14 @@ def _plan(x, num_groups):
     return N, C, HW, G, C // G, block_hw, block_c, block_g, iters, triton.cdiv(HW, block_hw * iters)
 
 
+# CUDA caps a grid's second dimension at 65535: the launches take the batch there in chunks of at most this
+MAX_GRID_Y = 65535
+
+
+def _batch_chunks(n):
+    return [(n0, min(n, n0 + MAX_GRID_Y)) for n0 in range(0, n, MAX_GRID_Y)]
+
+
 def group_norm_fwd(x, weight, bias, num_groups, eps, act):
     """x: [N, C, H, W] with H and W foldable (NCHW- or channels_last-contiguous); weight, bias: [C].
 
@@ -359,17 +367,19 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, act):
     mean = _alloc.empty((N, G), torch.float32, dev)
     rstd = _alloc.empty((N, G), torch.float32, dev)
     y = _alloc.empty_like(x)
-    sx = hw_strides(x)
     offs_64 = _offs_64(x, y)
-    _group_norm_fwd_stats_kernel[(T, N)](
-        x, pmean, pm2, HW, C, G, CG, T, *sx, RESHAPE=_reshape_groups(C, G), OFFS_64=offs_64,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, ITERS=iters, num_warps=NUM_WARPS)
-    _group_norm_fwd_finalize_kernel[(N,)](
-        pmean, pm2, mean, rstd, HW, G, CG, T, block_hw * iters, eps,
-        BLOCK_T=max(1, FINALIZE_ELEMS // block_g), BLOCK_G=block_g)
-    _group_norm_fwd_kernel[lambda meta: (triton.cdiv(HW, meta["BLOCK_HW"]), N)](
-        x, y, weight, bias, mean, rstd, HW, C, G, CG, *sx, *hw_strides(y),
-        ACT=act, OFFS_64=offs_64, BLOCK_C=block_c)
+    for n0, n1 in _batch_chunks(N):
+        xc, yc, n = x[n0:n1], y[n0:n1], n1 - n0
+        sx = hw_strides(xc)
+        _group_norm_fwd_stats_kernel[(T, n)](
+            xc, pmean[n0:n1], pm2[n0:n1], HW, C, G, CG, T, *sx, RESHAPE=_reshape_groups(C, G), OFFS_64=offs_64,
+            BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, ITERS=iters, num_warps=NUM_WARPS)
+        _group_norm_fwd_finalize_kernel[(n,)](
+            pmean[n0:n1], pm2[n0:n1], mean[n0:n1], rstd[n0:n1], HW, G, CG, T, block_hw * iters, eps,
+            BLOCK_T=max(1, FINALIZE_ELEMS // block_g), BLOCK_G=block_g)
+        _group_norm_fwd_kernel[lambda meta: (triton.cdiv(HW, meta["BLOCK_HW"]), n)](
+            xc, yc, weight, bias, mean[n0:n1], rstd[n0:n1], HW, C, G, CG, *sx, *hw_strides(yc),
+            ACT=act, OFFS_64=offs_64, BLOCK_C=block_c)
     return y, mean, rstd
 
 
@@ -377,20 +387,25 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act):
     """Gradients of :func:`group_norm_fwd`: ``(dx, dwb)``, dx like x, dwb fp32 [2, C] = (dweight, dbias)."""
     N, C, HW, G, CG, block_hw, block_c, block_g, iters, T = _plan(x, num_groups)
     dev = x.device
-    pds = _alloc.empty((N, T, C), torch.float32, dev)
-    pdb = _alloc.empty((N, T, C), torch.float32, dev)
-    sums = _alloc.empty((2, N, C), torch.float32, dev)
-    coef = _alloc.empty((2, N, G), torch.float32, dev)
     dx = _alloc.empty_like(x)
-    sx, sd = hw_strides(x), hw_strides(dy)
     offs_64 = _offs_64(x, dy, dx)
-    _group_norm_bwd_partial_kernel[(T, N)](
-        x, dy, weight, bias, mean, rstd, pds, pdb, HW, C, G, CG, T, *sx, *sd,
-        ACT=act, OFFS_64=offs_64, BLOCK_HW=block_hw, BLOCK_C=block_c, ITERS=iters, num_warps=NUM_WARPS)
-    _group_norm_bwd_finalize_kernel[(N,)](
-        pds, pdb, weight, sums, coef, N, HW, C, G, CG, T, RESHAPE=_reshape_groups(C, G),
-        BLOCK_T=max(1, FINALIZE_ELEMS // block_c), BLOCK_C=block_c, BLOCK_G=block_g)
-    _group_norm_bwd_kernel[lambda meta: (triton.cdiv(HW, meta["BLOCK_HW"]), N)](
-        x, dy, dx, weight, bias, mean, rstd, coef, N, HW, C, G, CG, *sx, *sd, *hw_strides(dx),
-        ACT=act, OFFS_64=offs_64, BLOCK_C=block_c)
-    return dx, sums.sum(1)
+    dwb = None
+    for n0, n1 in _batch_chunks(N):
+        xc, dyc, dxc, n = x[n0:n1], dy[n0:n1], dx[n0:n1], n1 - n0
+        pds = _alloc.empty((n, T, C), torch.float32, dev)
+        pdb = _alloc.empty((n, T, C), torch.float32, dev)
+        sums = _alloc.empty((2, n, C), torch.float32, dev)
+        coef = _alloc.empty((2, n, G), torch.float32, dev)
+        sx, sd = hw_strides(xc), hw_strides(dyc)
+        _group_norm_bwd_partial_kernel[(T, n)](
+            xc, dyc, weight, bias, mean[n0:n1], rstd[n0:n1], pds, pdb, HW, C, G, CG, T, *sx, *sd,
+            ACT=act, OFFS_64=offs_64, BLOCK_HW=block_hw, BLOCK_C=block_c, ITERS=iters, num_warps=NUM_WARPS)
+        _group_norm_bwd_finalize_kernel[(n,)](
+            pds, pdb, weight, sums, coef, n, HW, C, G, CG, T, RESHAPE=_reshape_groups(C, G),
+            BLOCK_T=max(1, FINALIZE_ELEMS // block_c), BLOCK_C=block_c, BLOCK_G=block_g)
+        _group_norm_bwd_kernel[lambda meta: (triton.cdiv(HW, meta["BLOCK_HW"]), n)](
+            xc, dyc, dxc, weight, bias, mean[n0:n1], rstd[n0:n1], coef, n, HW, C, G, CG, *sx, *sd,
+            *hw_strides(dxc), ACT=act, OFFS_64=offs_64, BLOCK_C=block_c)
+        part = sums.sum(1)
+        dwb = part if dwb is None else dwb.add_(part)
+    return dx, dwb

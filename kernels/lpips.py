@@ -91,6 +91,14 @@ def _blocks(C):
     return max(1, min(128, TILE_ELEMS // block_c)), block_c
 
 
+# CUDA caps a grid's second dimension at 65535: the launches take the batch there in chunks of at most this
+MAX_GRID_Y = 65535
+
+
+def _batch_chunks(n):
+    return [(n0, min(n, n0 + MAX_GRID_Y)) for n0 in range(0, n, MAX_GRID_Y)]
+
+
 def lpips_fwd(fx, fy, weight, eps):
     """fx, fy [n, C, H, W] (H, W foldable), weight [C] -> distances fp32 [n]."""
     n, C, H, W = fx.shape
@@ -98,8 +106,10 @@ def lpips_fwd(fx, fy, weight, eps):
     block_p, block_c = _blocks(C)
     T = triton.cdiv(HW, block_p)
     part = _alloc.empty((n, T), torch.float32, fx.device)
-    _lpips_fwd_kernel[(T, n)](fx, fy, weight, part, HW, C, T, eps, *hw_strides(fx), *hw_strides(fy),
-                              BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    for n0, n1 in _batch_chunks(n):
+        a, b = fx[n0:n1], fy[n0:n1]
+        _lpips_fwd_kernel[(T, n1 - n0)](a, b, weight, part[n0:n1], HW, C, T, eps, *hw_strides(a), *hw_strides(b),
+                                        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return part.sum(1).div_(HW)
 
 
@@ -113,10 +123,15 @@ def lpips_bwd(grad, fx, fy, weight, eps, dx, dy, wgrad):
     dfx = _alloc.empty_like(fx) if dx else None
     dfy = _alloc.empty_like(fy) if dy else None
     wpart = _alloc.empty((n, T, C), torch.float32, fx.device) if wgrad else None
-    # unused outputs get a pointer that is never written
-    sdx = hw_strides(dfx) if dx else (0, 0, 0)
-    sdy = hw_strides(dfy) if dy else (0, 0, 0)
-    _lpips_bwd_kernel[(T, n)](fx, fy, weight, grad, dfx if dx else fx, dfy if dy else fy, wpart if wgrad else fx,
-                              HW, C, T, eps, *hw_strides(fx), *hw_strides(fy), *sdx, *sdy,
-                              DX=dx, DY=dy, WGRAD=wgrad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    for n0, n1 in _batch_chunks(n):
+        a, b = fx[n0:n1], fy[n0:n1]
+        da = dfx[n0:n1] if dx else None
+        db = dfy[n0:n1] if dy else None
+        # unused outputs get a pointer that is never written
+        sdx = hw_strides(da) if dx else (0, 0, 0)
+        sdy = hw_strides(db) if dy else (0, 0, 0)
+        _lpips_bwd_kernel[(T, n1 - n0)](
+            a, b, weight, grad[n0:n1], da if dx else a, db if dy else b, wpart[n0:n1] if wgrad else a,
+            HW, C, T, eps, *hw_strides(a), *hw_strides(b), *sdx, *sdy,
+            DX=dx, DY=dy, WGRAD=wgrad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return dfx, dfy, (wpart.sum((0, 1)) if wgrad else None)

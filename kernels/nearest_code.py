@@ -269,7 +269,9 @@ def _nearest_code_fwd_kernel(
     if IS_COS:
         dist = 1.0 + best / tl.maximum(tl.sqrt_rn(z_sq), eps)
     else:
-        dist = tl.maximum(z_sq + best, 0.0)
+        dist = z_sq + best
+        # clamp the rounding below 0, but keep a NaN (tl.maximum would turn it into 0, an exact match)
+        dist = tl.where(dist < 0.0, 0.0, dist)
     tl.store(idx_ptr + offs_n, best_idx, mask=mask_n)
     tl.store(dist_ptr + offs_n, dist, mask=mask_n)
 

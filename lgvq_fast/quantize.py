@@ -287,6 +287,14 @@ def straight_through(z, z_q):
     return z_q.detach().to(z.dtype) + (z - z.detach())
 
 
+def code_counts(indices, codebook_size):
+    """int64 ``[codebook_size]``: how often each code occurs in ``indices`` (any shape, values in
+    ``[0, codebook_size)``). No host synchronisation: ``torch.bincount`` reads the largest index back to the host
+    to size its output, which stalls a CUDA step (and cannot be captured in a CUDA graph)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(codebook_size, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def resolve_sync_group(sync, process_group):
     """The process group to sync codebook statistics over, or None for no sync."""
     if sync is False:

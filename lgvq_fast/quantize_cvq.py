@@ -22,6 +22,7 @@ from torch import nn
 from lgvq_fast import ops
 from lgvq_fast.quantize import (
     CodeLookup,
+    code_counts,
     _check_common,
     _check_sizes,
     flatten_input,
@@ -149,13 +150,18 @@ class CVQVectorQuantizer(CodeLookup, nn.Module):
         group = resolve_sync_group(self.sync_codebook, self.process_group)
         K = self.codebook_size
         with torch.no_grad():
-            counts = torch.bincount(indices, minlength=K).float()
-            n = torch.tensor([float(zd.shape[0])], device=zd.device)
-            if group is not None:
+            counts = code_counts(indices, K).float()
+            if group is None:
+                if zd.shape[0] > 0:
+                    self.embed_prob.mul_(self.decay).add_(counts / zd.shape[0], alpha=1.0 - self.decay)
+            else:
+                n = torch.tensor([float(zd.shape[0])], device=zd.device)
                 torch.distributed.all_reduce(counts, group=group)
                 torch.distributed.all_reduce(n, group=group)
-            if float(n) > 0:
-                self.embed_prob.mul_(self.decay).add_(counts / n, alpha=1.0 - self.decay)
+                # no host read of n: the update is selected on the device (all ranks empty: unchanged)
+                upd = self.embed_prob * self.decay
+                upd.add_(counts / n.clamp_min(1.0), alpha=1.0 - self.decay)
+                self.embed_prob.copy_(torch.where(n > 0, upd, self.embed_prob))
             source = source_rank(zd.shape[0], group, zd.device)
             draw = source is not None and source[1]
         e = self.embed.detach()

@@ -109,7 +109,7 @@ def build_everything(cfg, device, world):
     set_norm_impl(model, t.norm_impl)
     place_models(device, t.channels_last, text_encoder, model, loss_mod)
     lr = t.lr if t.lr is not None else t.base_lr * t.batch_size * world
-    opt_g, opt_d = make_optimizers(model, loss_mod, lr, t.betas, device)
+    opt_g, opt_d = make_optimizers(model, loss_mod, lr, t.betas, device, capturable=t.cuda_graph)
     return text_encoder, model, loss_mod, opt_g, opt_d, lr
 
 
@@ -153,16 +153,19 @@ def compile_model(model, scope="model"):
     return model
 
 
-def make_optimizers(model, loss_mod, lr, betas, device):
+def make_optimizers(model, loss_mod, lr, betas, device, capturable=False):
     """Adam for the generator's trainable parameters and for the discriminator.
 
     On CUDA the fused implementation: one kernel per parameter group instead of several multi-tensor launches
     per group, and far less host work per step (the paper-shape step is close to launch-bound).
+    ``capturable``: the step may be recorded in a CUDA graph (``train.cuda_graph``).
     """
     fused = torch.device(device).type == "cuda"
+    extra = {"capturable": True} if capturable else {}
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas),
-                             fused=fused or None)
-    opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=lr, betas=tuple(betas), fused=fused or None)
+                             fused=fused or None, **extra)
+    opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=lr, betas=tuple(betas), fused=fused or None,
+                             **extra)
     return opt_g, opt_d
 
 
@@ -200,6 +203,7 @@ def train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder
 
 def train(cfg):
     from lgvq_fast.eval import save_recon_grid, save_usage_histogram
+    from lgvq_fast.quantize import code_counts
 
     t0 = time.perf_counter()
     validate_config(cfg)  # also for configs built in code, not by build_config
@@ -216,7 +220,8 @@ def train(cfg):
         torch.backends.cudnn.benchmark = t.cudnn_benchmark
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+        # a captured step may not keep autocast's weight-cast cache
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not t.cuda_graph)
 
     ckpt = CheckpointIO(out_dir, keep_last=t.keep_last)
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -257,6 +262,11 @@ def train(cfg):
     else:
         ddp_disc = raw_disc
     disc_swap = DiscSwap(loss_mod, raw_disc, ddp_disc)
+    graphed = None
+    if t.cuda_graph:
+        from lgvq_fast.train_graph import GraphedTrainStep
+
+        graphed = GraphedTrainStep(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, autocast, m)
     if t.resume and step > 0:
         restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
     else:
@@ -325,8 +335,11 @@ def train(cfg):
             # what one step draws cannot shift the next, so a run with the text losses at weight 0 trains the
             # tokenizer bit-identically to --no-text-losses, and resume needs no RNG state to be exact.
             torch.manual_seed(mix_seed(t.seed, rank, step))
-            out, logs = train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x,
-                                   batch["text"], step, autocast, m)
+            if graphed is not None:
+                out, logs = graphed(x, batch["text"], step)
+            else:
+                out, logs = train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x,
+                                       batch["text"], step, autocast, m)
             step += 1
             batch_in_epoch += 1
             with torch.no_grad():
@@ -334,7 +347,7 @@ def train(cfg):
                     if key in logs:
                         nonfinite |= ~torch.isfinite(logs[key])
                 idx = out["indices"].flatten()
-                counts = torch.bincount(idx, minlength=m.codebook_size)
+                counts = code_counts(idx, m.codebook_size)  # torch.bincount would sync the host
                 usage += counts
                 window["usage"] += counts
                 logs["psnr"] = batch_psnr(out["x_rec"].detach().float().clamp(-1, 1), x, reduce=False)

@@ -55,6 +55,9 @@ class TrainConfig:
     # AttnBlock on its own, static shapes: blocks of one shape share their compiled code, so it compiles faster)
     compile_scope: str = "model"
     channels_last: bool = False
+    # CUDA, one process: capture the whole step (text encoder, G and D updates) into a CUDA graph and replay it
+    # (lgvq_fast/train_graph.py); needs no dead-code restart and excludes torch.compile
+    cuda_graph: bool = False
     # the VQGAN's GroupNorm + swish: "auto" (the fused Triton op on CUDA for channels_last activations, PyTorch's
     # otherwise), "triton" (the fused op on CUDA in either memory format) or "native" (PyTorch's, always)
     norm_impl: str = "auto"
@@ -200,6 +203,14 @@ def validate_config(cfg):
             raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     if t.compile_scope not in ("model", "blocks"):
         raise ConfigError(f"train.compile_scope (--compile SCOPE) must be model or blocks, got {t.compile_scope!r}")
+    if t.cuda_graph and t.compile:
+        raise ConfigError("train.cuda_graph and train.compile (--compile) exclude each other: the captured step "
+                          "replays eager kernels; pick one")
+    if t.cuda_graph and t.device == "cpu":
+        raise ConfigError("train.cuda_graph needs a CUDA device, got --device cpu")
+    if t.cuda_graph and m.quantizer_kwargs.get("threshold_ema_dead_code", 0) > 0:
+        raise ConfigError("train.cuda_graph cannot capture the dead-code restart (it counts dead codes on the host "
+                          "every step): set model.quantizer_kwargs without threshold_ema_dead_code")
     if t.norm_impl not in ("auto", "native", "triton"):
         raise ConfigError(f"train.norm_impl must be auto, native or triton, got {t.norm_impl!r}")
     if t.amp not in ("bf16", "none"):

@@ -82,3 +82,11 @@ def test_official_ops_use_pytorch_norms_and_lpips():
     with ts.official_ops(model, s["loss_mod"]):
         assert all(m.impl == "native" for m in norms) and perceptual.impl == "native"
     assert all(m.impl == "triton" for m in norms) and perceptual.impl == "auto"
+
+
+def test_cuda_graph_arm_needs_cuda(monkeypatch, capsys):
+    ts = _bench_module()
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--device", "cpu", "--cuda-graph"])
+    with pytest.raises(SystemExit) as exc:
+        ts.main()
+    assert exc.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err

@@ -298,3 +298,21 @@ def test_ema_update_gpu_matches_float64_and_is_deterministic(impl):
     for name, g, g2, w, r in zip(("cluster_size", "embed_avg", "embed"), first, second, want, fp32_ref):
         _assert_close_derived(g, w, r, name)
         assert torch.equal(g, g2), f"{name}: two runs differ"
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_ema_update_z_aliasing_the_codebook(impl):
+    """z may be the codebook buffer itself (or a view of it): the update reads z as it was before the call."""
+    K, D = 20, 12
+    buffers = _buffers(K, D)
+    idx = torch.randperm(K)
+    want = _run("reference", buffers, buffers[2].clone(), idx)
+    got = [b.clone() for b in buffers]
+    ema_update_(*got, got[2], idx, 0.9, 1e-5, impl=impl)
+    for name, g, w in zip(("cluster_size", "embed_avg", "embed"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    got = [b.clone() for b in buffers]
+    ema_update_(*got, got[2][: K // 2], idx[: K // 2], 0.9, 1e-5, impl=impl)  # a view of the first rows
+    want = _run("reference", buffers, buffers[2][: K // 2].clone(), idx[: K // 2])
+    for name, g, w in zip(("cluster_size", "embed_avg", "embed"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")

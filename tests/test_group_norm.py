@@ -128,6 +128,29 @@ def test_group_norm_triton_multi_tile_programs(monkeypatch):
 
 
 @needs_triton
+def test_group_norm_triton_batch_in_grid_chunks(monkeypatch):
+    # CUDA caps the grid's batch axis at 65535: larger batches launch in chunks (forced small here)
+    from lgvq_fast.kernels import group_norm as kgn
+
+    monkeypatch.setattr(kgn, "MAX_GRID_Y", 2)
+    x = _make_x(5, 32, 6, 7, "channels_last", torch.float32)
+    _check("triton", x, torch.randn(32), torch.randn(32), 8, True)
+    _check("triton", _make_x(5, 24, 3, 5, "nchw", torch.float32), torch.randn(24), torch.randn(24), 4, False)
+
+
+@needs_triton
+def test_group_norm_triton_second_derivative_raises():
+    """The Triton backward is not differentiable: a double backward (gradient penalty) must raise, not return a
+    gradient missing its second-order term."""
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    for loss in (lambda y: y.square().sum(), lambda y: y.sum()):
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(loss(group_norm(x, None, None, 4, act=True, impl="triton")), x, create_graph=True)
+    (g,) = torch.autograd.grad(group_norm(x, None, None, 4, act=True, impl="triton").sum(), x)  # first order: fine
+    assert torch.isfinite(g).all()
+
+
+@needs_triton
 def test_group_norm_tile_autotune_candidates(monkeypatch):
     # what the GPU autotuner may try: 2048-4096-element tiles at <= 16 elements a thread, no more rows than H*W,
     # the default first
@@ -205,6 +228,8 @@ def test_group_norm_bad_inputs_raise():
         group_norm(x[:0], w, w, 32)
     with pytest.raises(ValueError, match="a group needs at least one element"):
         group_norm(x[:, :, :0], w, w, 32)
+    with pytest.raises(ValueError, match=r"no channels \(C=0\)"):
+        group_norm(x[:, :0], None, None, 1)
     with pytest.raises(ValueError, match=r"weight has shape \(63,\)"):
         group_norm(x, w[:63], w, 32)
     with pytest.raises(ValueError, match="bias must have dtype"):

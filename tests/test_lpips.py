@@ -167,3 +167,25 @@ def test_lpips_distance_gpu_triton_matches_float64(dtype, layout):
     for n, C, H, W in ((8, 64, 256, 256), (8, 512, 16, 16)):
         fx, fy = (t.cuda() for t in _make(n, C, H, W, layout, dtype))
         _check("triton", fx, fy, torch.rand(C, device="cuda"), grads=(True, True, True))
+
+
+@needs_triton
+def test_lpips_distance_triton_batch_in_grid_chunks(monkeypatch):
+    # CUDA caps the grid's batch axis at 65535: larger batches launch in chunks (forced small here)
+    from lgvq_fast.kernels import lpips as kl
+
+    monkeypatch.setattr(kl, "MAX_GRID_Y", 2)
+    fx, fy = _make(5, 24, 5, 6, "channels_last", torch.float32)
+    _check("triton", fx, fy, torch.rand(24), grads=(True, True, True))
+    _check("triton", *_make(5, 24, 5, 6, "nchw", torch.float32), torch.rand(24), grads=(False, True, False))
+
+
+@needs_triton
+def test_lpips_distance_triton_second_derivative_raises():
+    fx, fy = _make(2, 8, 3, 3, "nchw", torch.float32)
+    w = torch.rand(8)
+    fy.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(lpips_distance(fx, fy, w, impl="triton").sum(), fy, create_graph=True)
+    (g,) = torch.autograd.grad(lpips_distance(fx, fy, w, impl="triton").sum(), fy)
+    assert torch.isfinite(g).all()

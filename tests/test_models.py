@@ -229,6 +229,41 @@ def test_mtp_loss_counts_only_masked_positions():
     torch.testing.assert_close(loss2, loss)
 
 
+@pytest.mark.parametrize("masked", ["some", "none", "all"])
+def test_mtp_fixed_size_batch_matches_the_plain_one(masked):
+    """fixed_size() pads the predict index to B * L with weight-0 fillers: same loss, accuracy and gradients."""
+    sam = _sam()
+    b, length = 4, 9
+    vt_in = torch.randn(b, 15, 16, requires_grad=True)
+    feats = torch.randn(b, length, 24)
+    pad = torch.arange(length)[None, :] < torch.randint(1, length + 1, (b, 1))
+    mlm = {"some": torch.rand(b, length) < 0.4, "none": torch.zeros(b, length, dtype=torch.bool),
+           "all": torch.ones(b, length, dtype=torch.bool)}[masked] & pad
+    batch = TextBatch(torch.randint(0, 53, (b, length)), pad, mlm)
+    fixed = batch.fixed_size()
+    m = int(mlm.sum())
+    assert fixed.predict_index().shape == (b * length,) and fixed.predict_weight().shape == (b * length,)
+    assert torch.equal(fixed.predict_index()[:m], batch.predict_index())
+    assert torch.equal(fixed.predict_weight(), (torch.arange(b * length) < m).float())
+    assert batch.predict_weight() is None
+    moved = fixed.to("meta")
+    assert moved.predict_weight().device.type == "meta" and moved.predict_index().shape == (b * length,)
+    results = []
+    for tb in (batch, fixed):
+        vt_in.grad = None
+        sam.zero_grad(set_to_none=True)
+        loss, acc = sam.mtp(sam.visual(vt_in, (3, 5)), feats, tb)
+        loss.backward()
+        grads = [vt_in.grad.clone()] + [p.grad.clone() for p in sam.parameters() if p.grad is not None]
+        results.append((loss.detach(), acc, grads))
+    (l0, a0, g0), (l1, a1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a1, a0)
+    assert len(g0) == len(g1)
+    for x, y in zip(g0, g1):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
+
+
 def test_mtp_masked_feature_values_are_ignored():
     sam = _sam()
     vt_out = sam.visual(torch.randn(2, 15, 16), (3, 5))
@@ -684,3 +719,22 @@ def test_precast_on_gpu_matches_autocast_casts():
         assert (g0 is None) == (g1 is None)
         if g0 is not None:
             torch.testing.assert_close(g1, g0, rtol=5e-2, atol=5e-2 * g0.abs().max().item() + 1e-8)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_text_encoder_4d_attention_mask_matches_transformers_2d(impl):
+    """The encoder hands BERT-like models a 4D padding mask (no host read of mask.all() in transformers): the
+    real tokens' features equal those of transformers' own 2D-mask path."""
+    te = TextEncoder.build("tiny-random", max_len=12)
+    te.model.config._attn_implementation = impl
+    words = "a red circle left of the small blue square above green star".split()
+    captions = [" ".join(words[: int(n)]) for n in torch.randint(1, len(words) + 1, (4,))] + [" ".join(words)]
+    batch = te.tokenize(captions, 12)
+    mask = te._attention_mask(batch.pad_mask)
+    assert mask.shape == (5, 1, 12, 12) and (mask.dtype == torch.bool) == (impl == "sdpa")
+    with torch.no_grad():
+        tok, _ = te._forward(batch.input_ids, batch.pad_mask)
+        ref = te.model(input_ids=batch.input_ids, attention_mask=batch.pad_mask.long(),
+                       token_type_ids=torch.zeros_like(batch.input_ids)).last_hidden_state
+    real = batch.pad_mask[..., None]
+    torch.testing.assert_close(tok * real, ref * real, rtol=1e-5, atol=1e-6)

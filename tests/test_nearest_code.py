@@ -150,6 +150,32 @@ def test_nearest_code_zero_vectors_cos(impl):
     _check_against_float64(z, codebook, indices, distances, "cos", "exact")
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nearest_code_nan_row_gets_a_non_finite_distance(impl, metric, precision):
+    """A row holding NaN (or an inf that makes its norm NaN) must not report distance 0, an exact match."""
+    _check_nan_rows(impl, metric, precision, "cpu")
+
+
+def _check_nan_rows(impl, metric, precision, device):
+    z = torch.randn(70, 24, device=device)
+    codebook = torch.randn(50, 24, device=device)
+    bad = torch.randperm(70, device=device)[:3]
+    z[bad[0], 5] = float("nan")
+    z[bad[1], 0] = float("-inf")
+    z[bad[2]] = float("nan")
+    indices, distances = nearest_code(z, codebook, metric=metric, precision=precision, impl=impl)
+    if metric == "l2":  # cos clamps the norm, so -inf alone may still give a finite value there
+        assert not torch.isfinite(distances[bad]).any(), distances[bad]
+    else:
+        assert not torch.isfinite(distances[bad[[0, 2]]]).any(), distances[bad]
+    keep = torch.ones(70, dtype=torch.bool, device=device)
+    keep[bad] = False
+    _check_against_float64(z[keep].cpu(), codebook.cpu(), indices[keep].cpu(), distances[keep].cpu(), metric,
+                           precision)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_nearest_code_returns_detached(impl):
     z = torch.randn(20, 9, requires_grad=True)
@@ -338,3 +364,13 @@ def test_every_surviving_triton_config_matches_float64(mode, monkeypatch):
         for config in configs:
             indices, distances = nearest_code_fwd(z, codebook, "l2", precision, split, config=config)
             _check_against_float64(z, codebook, indices, distances, "l2", precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_code_gpu_nan_row_gets_a_non_finite_distance(metric, precision):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for impl in _gpu_impls():
+        _check_nan_rows(impl, metric, precision, "cuda")

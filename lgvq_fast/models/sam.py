@@ -211,7 +211,11 @@ class SemanticAlignment(nn.Module):
         target = batch.input_ids.flatten().index_select(0, flat_idx)
         logits = self.mlm_head(h_sel)  # [M, V]
         per_pos = label_smoothed_ce(logits, target, self.label_smoothing)
+        hit = (logits.detach().argmax(-1) == target).float()
+        weight = batch.predict_weight()  # fixed_size() batches: filler entries weigh 0
+        if weight is not None:
+            per_pos, hit = per_pos * weight, hit * weight
         count = sel.sum()
         loss = per_pos.sum() / (count + 5e-6)
-        acc = (logits.detach().argmax(-1) == target).float().sum() / count.clamp_min(1)
+        acc = hit.sum() / count.clamp_min(1)
         return loss, acc

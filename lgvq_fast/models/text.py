@@ -42,28 +42,54 @@ class TextBatch:
     # Flat indices of the positions to predict (mlm_mask & pad_mask), found on the CPU when the batch moves to
     # another device, so the masked-text loss needs no device-to-host sync for its data-dependent count.
     _predict_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # Set by ``fixed_size()``: ``_predict_index`` then has B * L entries, the M real ones first, and this float
+    # [B * L] weights them 1 and the filler entries 0 (shapes that do not depend on M, for CUDA graphs).
+    _predict_weight: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to(self, device, non_blocking: bool = False) -> "TextBatch":
-        index = self._predict_index
+        index, weight = self._predict_index, self._predict_weight
         if torch.device(device) != self.mlm_mask.device:
             if self.mlm_mask.device.type == "cpu":
                 index = self.predict_index().to(device, non_blocking=non_blocking)
             elif index is not None:
                 index = index.to(device, non_blocking=non_blocking)
+            if weight is not None:
+                weight = weight.to(device, non_blocking=non_blocking)
         return TextBatch(
             input_ids=self.input_ids.to(device, non_blocking=non_blocking),
             pad_mask=self.pad_mask.to(device, non_blocking=non_blocking),
             mlm_mask=self.mlm_mask.to(device, non_blocking=non_blocking),
             mask_ratio=self.mask_ratio,
             _predict_index=index,
+            _predict_weight=weight,
         )
 
     def predict_index(self) -> torch.Tensor:
-        """int64 ``[M]``: flat (``b * L + l``) indices of the masked real tokens, in increasing order."""
+        """int64 ``[M]``: flat (``b * L + l``) indices of the masked real tokens, in increasing order (``[B * L]``
+        after ``fixed_size()``, see ``predict_weight``)."""
         if self._predict_index is None:
             # One host sync on an accelerator (the count M is data-dependent); none on the CPU.
             self._predict_index = (self.mlm_mask & self.pad_mask).flatten().nonzero().squeeze(1)
         return self._predict_index
+
+    def predict_weight(self) -> torch.Tensor | None:
+        """None, or after ``fixed_size()`` float32 ``[B * L]``: 1 for the entries of ``predict_index()`` that are
+        masked real tokens, 0 for the filler entries after them."""
+        return self._predict_weight
+
+    def fixed_size(self) -> "TextBatch":
+        """The same batch with a predict index of fixed length ``B * L``: the M masked real tokens' indices,
+        then copies of the last one (index 0 when M = 0) weighted 0. The masked-text loss and accuracy are the
+        same (up to the order of float sums); every tensor's shape is independent of M, as a CUDA graph needs.
+        Call it on the CPU (finding M on an accelerator syncs the host)."""
+        index = self.predict_index()
+        m, total = index.numel(), self.mlm_mask.numel()
+        fill = index[-1:] if m else torch.zeros(1, dtype=torch.long, device=index.device)
+        padded = torch.cat([index, fill.expand(total - m)])
+        weight = torch.zeros(total, dtype=torch.float32, device=index.device)
+        weight[:m] = 1.0
+        return TextBatch(input_ids=self.input_ids, pad_mask=self.pad_mask, mlm_mask=self.mlm_mask,
+                         mask_ratio=self.mask_ratio, _predict_index=padded, _predict_weight=weight)
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -242,13 +268,28 @@ class TextEncoder(nn.Module):
             # as the official code: CLIP sees no padding mask, only its causal mask
             out = self.model(input_ids=ids)
             return out.last_hidden_state, out.text_embeds
-        out = self.model(input_ids=ids, attention_mask=pad_mask.long(),
+        out = self.model(input_ids=ids, attention_mask=self._attention_mask(pad_mask),
                          token_type_ids=torch.zeros_like(ids))
         tok = out.last_hidden_state
         w = pad_mask.unsqueeze(-1).to(tok.dtype)
         # sentence-transformers mean pooling over the real tokens
         glob = (tok * w).sum(1) / w.sum(1).clamp_min(1e-9)
         return tok, glob
+
+    def _attention_mask(self, pad_mask):
+        """The padding mask in the 4D form the model's attention uses (``[B, 1, L, L]``), which transformers passes
+        through as it is. From a 2D mask it would first test ``mask.all()`` to skip the mask, a host read that
+        stalls a GPU step and cannot be captured in a CUDA graph. Other attention implementations get the 2D mask."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        b, n = pad_mask.shape
+        keep = pad_mask.bool()[:, None, None, :].expand(b, 1, n, n)
+        if impl == "sdpa":
+            return keep  # boolean, True = attend
+        if impl == "eager":
+            dtype = self.model.get_input_embeddings().weight.dtype
+            bias = torch.zeros((), dtype=dtype, device=pad_mask.device)
+            return bias.masked_fill(~keep, torch.finfo(dtype).min)  # additive
+        return pad_mask.long()
 
     @torch.no_grad()
     def encode(self, batch: TextBatch, mask_input: bool = True) -> TextFeatures:

@@ -163,6 +163,11 @@ def ema_update_(
     backend = resolve_impl("ema_update_", impl, z.device)
     D = embed_avg.shape[1]
     z2d = z.detach().reshape(-1, D).contiguous()
+    if not torch.compiler.is_compiling() and z2d.untyped_storage().data_ptr() in {
+            t.untyped_storage().data_ptr() for t in (cluster_size, embed_avg, embed)}:
+        # z shares memory with a buffer the update writes (e.g. z is the codebook itself): read a copy, or the
+        # kernels would read rows other programs have already updated
+        z2d = z2d.clone()
     idx = indices.reshape(-1).contiguous()
     if process_group is not None:
         _staged_update(

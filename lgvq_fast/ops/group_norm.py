@@ -104,6 +104,11 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' gradient has no graph of its own, so a second derivative would
+            # silently miss this op's terms
+            raise RuntimeError("group_norm(impl='triton'): higher-order gradients (create_graph=True) are not "
+                               "supported; use impl='reference'")
         from lgvq_fast.kernels.group_norm import group_norm_bwd
 
         x, weight, bias, mean, rstd = ctx.saved_tensors
@@ -127,6 +132,8 @@ def _check(x, weight, bias, num_groups, eps):
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
         raise ValueError(f"{op}: num_groups must be an integer >= 1, got {num_groups!r}")
     N, C = x.shape[:2]
+    if C == 0:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: no channels (C=0) to normalise")
     if C % num_groups:
         raise ValueError(f"{op}: x has C={C} channels (shape {tuple(x.shape)}), not divisible by "
                          f"num_groups={num_groups}")

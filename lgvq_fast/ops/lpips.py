@@ -87,6 +87,11 @@ class LpipsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' gradient has no graph of its own, so a second derivative would
+            # silently miss this op's terms
+            raise RuntimeError("lpips_distance(impl='triton'): higher-order gradients (create_graph=True) are not "
+                               "supported; use impl='reference'")
         from lgvq_fast.kernels.lpips import lpips_bwd
 
         fx, fy, weight = ctx.saved_tensors

@@ -4,8 +4,12 @@
 returns ``(indices, distances)`` for ``z [..., D]`` and ``codebook [K, D]``:
 ``indices`` int64 of shape ``z.shape[:-1]``, ``distances`` fp32 of the same
 shape (squared L2, or ``1 - cosine similarity`` with vectors normalised as
-``x / max(||x||, 1e-12)`` so zero vectors give distance 1, not NaN). Ties go to
-the lowest index.
+``x / max(||x||, 1e-12)`` so zero vectors give distance 1, not NaN). Ties in the
+computed distances go to the lowest index. Codes that are equal in exact arithmetic
+(duplicate rows, or positive multiples under ``cos``) are only computed as ties when
+the products are exact, as with small integers: a matrix product may round the same
+dot product differently in different output columns, so among near-identical codes
+any one of them can be returned (each is within fp32 rounding of the best).
 
 Backends (``impl``): ``reference`` (chunked PyTorch, fp32 products, any device;
 it ignores ``precision``), ``triton`` (fused kernel, CUDA or the CPU

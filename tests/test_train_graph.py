@@ -1,0 +1,201 @@
+"""The training step without host synchronisation, and its CUDA-graph capture (lgvq_fast/train_graph.py).
+
+On CPU: a dispatch-mode audit of one full training step (text encoder, generator forward and backward with the
+adaptive GAN weight, both optimizer updates) for every quantizer the presets use, which fails on any operator
+that would make the host wait for a CUDA device (``.item()``/``bool()``, ``nonzero``, ``bincount``, boolean
+indexing, ...). On a GPU: the captured step against the eager one.
+"""
+import collections
+import os
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lgvq_fast.models import PerceptualLoss, TextEncoder, build_model, preset
+from lgvq_fast.quantize import code_counts
+from lgvq_fast.train import make_optimizers, train_step
+from lgvq_fast.train_utils import DiscSwap, place_models
+
+# operators whose CUDA implementation copies a value to the host and waits for it
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static_fallback", "argwhere", "bincount", "_unique2",
+             "unique_dim", "unique_consecutive", "masked_select", "repeat_interleave", "equal", "is_nonzero",
+             "allclose", "histc", "one_hot"}
+# host reads that only happen on CPU tensors (the branch is skipped on an accelerator)
+_CPU_ONLY_LINES = ("n = max(int(pad.sum(1).max()), 1)",)
+
+
+class HostSyncAudit(TorchDispatchMode):
+    """Records (operator, call site) for every operator that would synchronise a CUDA device with the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()) if i is not None)
+        if name in _SYNC_OPS or bool_index:
+            stack = [f for f in traceback.extract_stack() if "lgvq_fast" in f.filename or "torch" in f.filename]
+            ours = [f for f in stack if f"{os.sep}lgvq_fast{os.sep}" in f.filename]
+            if not (ours and any(line in (ours[-1].line or "") for line in _CPU_ONLY_LINES)):
+                site = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in ours[-3:])
+                self.hits[(name + (" (bool index)" if bool_index else ""), site)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_setup(quantizer, device="cpu", perceptual=False, **overrides):
+    kw = dict(resolution=16, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(8,), z_channels=8,
+              embed_dim=8, codebook_size=32, max_text_len=12, mtp_ffn_hidden=16, disc_ndf=8, disc_layers=2,
+              disc_start=0, vt_layers=1, mtp_layers=1)
+    kw.update(overrides)
+    if quantizer == "vq-ema":
+        cfg = preset("cub", ema_update=True, **kw)
+    else:
+        cfg = preset("cub" if quantizer == "vq" else "cub-cvq", **kw)
+    text_encoder = TextEncoder.build("tiny-random", max_len=cfg.max_text_len)
+    model, loss_mod = build_model(cfg, text_encoder)
+    if perceptual:
+        loss_mod.perceptual, loss_mod.perceptual_weight = PerceptualLoss(), 1.0
+    place_models(torch.device(device), False, text_encoder, model, loss_mod)
+    return cfg, text_encoder, model, loss_mod
+
+
+def _text(text_encoder, b, length, seed):
+    gen = torch.Generator().manual_seed(seed)
+    words = "a red circle left of a small blue square above the green star".split()
+    captions = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=gen))
+                for n in torch.randint(3, 9, (b,), generator=gen)]
+    return text_encoder.tokenize(captions, length, generator=gen)
+
+
+def test_code_counts_matches_bincount():
+    for shape, k in (((7, 5, 3), 11), ((0,), 4), ((1000,), 1), ((64,), 300)):
+        idx = torch.randint(0, k, shape)
+        got = code_counts(idx, k)
+        assert got.dtype == torch.long and got.shape == (k,)
+        assert torch.equal(got, torch.bincount(idx.flatten(), minlength=k))
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "vq-ema", "cvq"])
+def test_training_step_has_no_host_sync(quantizer):
+    """What runs per step on a GPU never waits for the device: the condition for a queue the host keeps ahead of
+    the GPU, and for capturing the step in a CUDA graph. Fails on the operators and names their call sites."""
+    cfg, te, model, loss_mod = _tiny_setup(quantizer, perceptual=True)
+    opt_g, opt_d = make_optimizers(model, loss_mod, 1e-4, (0.5, 0.9), "cpu")
+    for opt in (opt_g, opt_d):  # the fused Adam the trainer uses on CUDA (CPU Adam reads its step counter)
+        for group in opt.param_groups:
+            group["fused"] = True
+    swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
+    x = torch.rand(3, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    text = _text(te, 3, cfg.max_text_len, seed=1).fixed_size()  # as GraphedTrainStep feeds it
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+
+    for step in (0, 1):  # the first step creates the optimizer state
+        audit = HostSyncAudit()
+        with audit:
+            out, logs = train_step(model, model, loss_mod, swap, opt_g, opt_d, te, x, text, step, autocast, cfg)
+            usage = code_counts(out["indices"], cfg.codebook_size)
+        assert not audit.hits, f"host syncs in the training step: {dict(audit.hits)}"
+        assert "d_loss" in logs and usage.sum() == out["indices"].numel()
+
+
+def test_host_sync_audit_catches_syncs():
+    audit = HostSyncAudit()
+    t = torch.randn(10)
+    with audit:
+        _ = float(t.sum())
+        _ = t[t > 0]
+        _ = torch.bincount(torch.randint(0, 3, (5,)))
+    names = {name for name, _ in audit.hits}
+    assert {"_local_scalar_dense", "bincount"} <= names and any("bool index" in n or n == "nonzero" for n in names)
+
+
+def test_cuda_graph_step_rejects_what_it_cannot_capture():
+    from lgvq_fast.train_graph import GraphedTrainStep
+
+    cfg, te, model, loss_mod = _tiny_setup("vq")
+    opt_g, opt_d = make_optimizers(model, loss_mod, 1e-4, (0.5, 0.9), "cpu", capturable=True)
+    swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTrainStep(model, model, loss_mod, swap, opt_g, opt_d, te, autocast, cfg)
+
+
+def test_cuda_graph_config_errors_name_the_field():
+    from lgvq_fast.train_config import ConfigError, PRESETS, validate_config
+
+    cfg = PRESETS["tiny-cpu"]()
+    cfg.train.cuda_graph = True
+    with pytest.raises(ConfigError, match="threshold_ema_dead_code"):
+        validate_config(cfg)
+    cfg.model.quantizer_kwargs = {}
+    cfg.train.compile = True
+    with pytest.raises(ConfigError, match="train.compile"):
+        validate_config(cfg)
+    cfg.train.compile, cfg.train.device = False, "cpu"
+    with pytest.raises(ConfigError, match="CUDA"):
+        validate_config(cfg)
+    cfg.train.device = "auto"
+    validate_config(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_step_matches_eager(amp):
+    """Capture after two warm-up steps, replay across the disc_start phase change (a second capture), against
+    the same steps run eagerly on an identical model: same losses, same parameters."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from lgvq_fast.data.collate import mix_seed
+    from lgvq_fast.train_graph import GraphedTrainStep
+
+    dev = torch.device("cuda")
+    steps, disc_start = 9, 5
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        cfg, te, model, loss_mod = _tiny_setup("vq", device="cuda", perceptual=True, disc_start=disc_start,
+                                               mtp_dropout=0.1)
+        opt_g, opt_d = make_optimizers(model, loss_mod, 1e-3, (0.5, 0.9), dev, capturable=True)
+        swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
+
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False)
+
+        runner = GraphedTrainStep(model, model, loss_mod, swap, opt_g, opt_d, te, autocast, cfg, warmup=2) \
+            if graphed else None
+        losses = []
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(100 + step)
+            x = (torch.rand(4, 3, cfg.resolution, cfg.resolution, generator=gen) * 2 - 1).to(dev)
+            text = _text(te, 4, cfg.max_text_len, seed=step).fixed_size()
+            torch.manual_seed(mix_seed(0, 0, step))
+            if graphed:
+                out, logs = runner(x, text, step)
+            else:
+                out, logs = train_step(model, model, loss_mod, swap, opt_g, opt_d, te, x, text, step, autocast, cfg)
+            losses.append({k: v.detach().float().clone() for k, v in logs.items() if k in ("total", "d_loss", "mtp")})
+            losses[-1]["indices"] = out["indices"].clone()
+        torch.cuda.synchronize()
+        runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, runner))
+    (eager, eager_state, _), (graph, graph_state, runner) = runs
+    assert runner.captures == 2 and runner.replays == steps - 2 * 2
+    tol = dict(rtol=3e-2, atol=1e-3) if amp else dict(rtol=1e-4, atol=1e-5)
+    for step, (a, b) in enumerate(zip(eager, graph)):
+        assert a.keys() == b.keys(), step
+        for k in a:
+            if k == "indices":
+                assert (a[k] == b[k]).float().mean() > (0.9 if amp else 0.99), step
+            else:
+                torch.testing.assert_close(b[k], a[k], **tol, msg=lambda m: f"step {step} {k}: {m}")
+    for k, v in eager_state.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(graph_state[k], v, **tol, msg=lambda m: f"{k}: {m}")
