@@ -17,6 +17,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lgvq_fast.train_config import ConfigError
+
+
+class EvalError(ConfigError):
+    """A user error of the eval command line (bad option, unreadable checkpoint, weights that do not fit, unreadable
+    data): ``cli`` prints it as one ``eval.py: error:`` line with exit status 2 (``LGVQ_TRACEBACK=1`` shows the
+    traceback)."""
+
+
+def _one_line(msg):
+    return " ".join(str(msg).split())
+
 
 def to_uint8(x):
     """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3]."""
@@ -116,10 +128,11 @@ class _UInt8Features(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 3), inception_path=None,
-             device=None, seed=0, progress=False):
+             device=None, seed=0, progress=False, fid=None):
     """Metrics over ``loader`` (collate batches of ``make_collate``) → dict of floats (None when unavailable).
 
-    ``progress`` shows a tqdm bar over the batches. Raises ``ValueError`` when the loader yields no image."""
+    ``progress`` shows a tqdm bar over the batches; ``fid`` is a fresh ``FID`` to use instead of loading
+    ``inception_path``. Raises ``ValueError`` when the loader yields no image."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim_fn
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -131,7 +144,8 @@ def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 
     vt, tg, caps = [], [], []
     hits = {k: [0.0, 0] for k in mask_words}
     gen = torch.Generator().manual_seed(seed)
-    fid = FID(inception_path, device) if inception_path else None
+    if fid is None and inception_path:
+        fid = FID(inception_path, device)
     has_heads = getattr(model, "sam", None) is not None
     batches = loader
     if progress:
@@ -208,29 +222,152 @@ def retrieval_r1(vt, tg, captions):
     return {"r1_image_to_text": float(i2t), "r1_text_to_image": float(t2i), "r1_chance": float(chance)}
 
 
-def load_checkpoint_model(path, device, text_encoder_name=None):
-    """(model, text_encoder, config dict) from a training checkpoint."""
-    from lgvq_fast.models import LGVQConfig, TextEncoder, build_model
-
+def _read_checkpoint(path):
+    """The state dict of a training checkpoint; EvalError naming ``path`` when it cannot be read or is not one."""
     from lgvq_fast.train_utils import CheckpointIO
 
-    state = CheckpointIO.load(path, "cpu")
+    try:
+        state = CheckpointIO.load(path, "cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        reason = _one_line(exc)
+        prefix = f"cannot read checkpoint {path}: "
+        if reason.startswith(prefix):  # CheckpointIO.load may already name the file
+            reason = reason[len(prefix):]
+        elif not isinstance(exc, ValueError) or path not in reason:
+            reason = f"{type(exc).__name__}: {reason}"
+        raise EvalError(f"{prefix}{reason}") from exc
+    cfg = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(cfg, dict) \
+            or not all(isinstance(cfg.get(k), dict) for k in ("model", "data", "train")):
+        raise EvalError(f"cannot read checkpoint {path}: not a lgvq_fast training checkpoint (it needs the 'model' "
+                        "weights and the 'config' with its model, data and train sections that train.py writes)")
+    return state
+
+
+def _first_mismatch(model_sd, ckpt_sd):
+    """(description of the first mismatching key in the model's order, number of mismatching keys)."""
+    found = []
+    for k, v in model_sd.items():
+        if k not in ckpt_sd:
+            found.append(f"{k} is missing from the checkpoint")
+        elif tuple(ckpt_sd[k].shape) != tuple(v.shape):
+            found.append(f"{k} has shape {list(ckpt_sd[k].shape)} in the checkpoint, {list(v.shape)} in the model")
+    found += [f"{k} is in the checkpoint but not in the model" for k in ckpt_sd if k not in model_sd]
+    return (found[0] if found else None), len(found)
+
+
+def load_checkpoint_model(path, device, text_encoder_name=None):
+    """(model, text_encoder, config dict) from a training checkpoint.
+
+    Raises ``EvalError`` (one line, naming ``path``) when the file cannot be read or its weights do not fit the
+    model built from its config with the chosen text encoder."""
+    from lgvq_fast.models import LGVQConfig, TextEncoder, build_model
+
+    state = _read_checkpoint(path)
     cfg = state["config"]
-    mcfg = LGVQConfig.from_dict(cfg["model"])
+    try:
+        mcfg = LGVQConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as exc:
+        raise EvalError(f"checkpoint {path}: its model config cannot be used: {_one_line(exc)}") from exc
+    saved_encoder = mcfg.text_encoder
     if text_encoder_name:
         mcfg.text_encoder = text_encoder_name
     text_encoder = TextEncoder.build(mcfg.text_encoder, max_len=mcfg.max_text_len)
     model, _ = build_model(mcfg, text_encoder)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first, n = _first_mismatch(model.state_dict(), state["model"])
+        why = f"{first}; {n} mismatching key(s) in all" if first else _one_line(exc)
+        enc = f"text encoder {mcfg.text_encoder!r}"
+        if mcfg.text_encoder != saved_encoder:
+            enc += f" (--text-encoder; the checkpoint was trained with {saved_encoder!r})"
+        raise EvalError(f"checkpoint {path}: its weights do not fit the model built from its config with {enc}: "
+                        f"{why}") from exc
     return model.to(device).eval(), text_encoder.to(device), cfg
+
+
+def _check_device(name):
+    """torch.device(name), or EvalError when it is malformed or not available on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise EvalError(f"--device {name!r}: {_one_line(exc)}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "PyTorch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise EvalError(f"--device {name}: CUDA is not available on this machine ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvalError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def _prepare_out(path):
+    """Create the folder of ``--out`` up front, so a bad path fails before the evaluation runs."""
+    if os.path.isdir(path):
+        raise EvalError(f"--out {path} is a directory; give a file name, e.g. {os.path.join(path, 'metrics.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise EvalError(f"--out {path}: cannot create its folder {folder}: {exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK):
+        raise EvalError(f"--out {path}: its folder {folder} is not writable")
+
+
+def _write_json(result, path):
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise EvalError(f"--out {path}: cannot write the metrics: {exc.strerror or exc}") from exc
+
+
+class _ReadErrors(torch.utils.data.Dataset):
+    """A folder dataset whose read errors (unreadable image, ...) become one-line EvalErrors with a hint."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        try:
+            return self.ds[index]
+        except (OSError, ValueError) as exc:
+            hint = "" if self.ds.skip_bad_samples else " (pass --skip-bad-samples to skip unreadable samples)"
+            raise EvalError(f"{_one_line(exc)}{hint}") from exc
+
+
+class _CountSkipped:
+    """Iterates ``loader`` and adds up the samples its batches report as skipped (``batch["skipped"]``)."""
+
+    def __init__(self, loader):
+        self.loader, self.skipped = loader, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped += int(batch.get("skipped", 0))
+            yield batch
 
 
 def main(argv=None):
     from lgvq_fast.data import build_dataset, make_collate
 
-    p = argparse.ArgumentParser(description="Evaluate an LG-VQ checkpoint")
+    p = argparse.ArgumentParser(prog="eval.py", description="Evaluate an LG-VQ checkpoint")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"),
+                   help="which split of the checkpoint's dataset (CUB: val and test are its test split)")
     p.add_argument("--data-root")
     p.add_argument("--image-dir")
     p.add_argument("--annotations")
@@ -238,31 +375,60 @@ def main(argv=None):
     p.add_argument("--max-batches", type=int)
     p.add_argument("--inception", help="local TorchScript Inception feature extractor for FID")
     p.add_argument("--text-encoder")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip missing or unreadable images and empty caption files (counted and printed) even "
+                        "when the checkpoint was trained without data.skip_bad_samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--out", help="write the metrics JSON here (its folder is created)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         p.error("--batch-size and --max-batches must be positive")
-    model, text_encoder, cfg = load_checkpoint_model(args.ckpt, args.device, args.text_encoder)
+    # everything that can be checked without the model first, so that a bad option fails in seconds
+    device = _check_device(args.device)
+    if args.out:
+        _prepare_out(args.out)
+    fid = None
+    if args.inception:
+        try:
+            fid = FID(args.inception, device)
+        except ValueError as exc:
+            raise EvalError(f"--inception: {_one_line(exc)}") from exc
+    model, text_encoder, cfg = load_checkpoint_model(args.ckpt, device, args.text_encoder)
     d = cfg["data"]
-    ds = build_dataset(d["name"], args.split, cfg["model"]["resolution"], seed=cfg["train"]["seed"],
-                       root=args.data_root or d["root"], size=d["val_size"],
-                       image_dir=args.image_dir or d["val_image_dir"] or d["image_dir"],
-                       annotation_json=args.annotations or d["val_annotations"] or d["annotations"])
+    skip = bool(args.skip_bad_samples or d.get("skip_bad_samples", False))
+    try:
+        ds = build_dataset(d["name"], args.split, cfg["model"]["resolution"], seed=cfg["train"]["seed"],
+                           root=args.data_root or d.get("root"), size=d.get("val_size"),
+                           image_dir=args.image_dir or d.get("val_image_dir") or d.get("image_dir"),
+                           annotation_json=args.annotations or d.get("val_annotations") or d.get("annotations"),
+                           max_words=d.get("max_words", 27), skip_bad_samples=skip)
+    except FileNotFoundError:
+        raise
+    except ValueError as exc:
+        hint = "" if skip else " (--skip-bad-samples skips missing files and empty caption files)"
+        raise EvalError(f"{_one_line(exc)}{hint}") from exc
+    if hasattr(ds, "skip_bad_samples"):
+        ds = _ReadErrors(ds)
     collate = make_collate(text_encoder, cfg["model"]["max_text_len"], seed=cfg["train"]["seed"])
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, collate_fn=collate)
-    result = evaluate(model, loader, text_encoder, max_batches=args.max_batches, inception_path=args.inception,
-                      device=args.device, progress=not args.no_progress)
+    loader = _CountSkipped(torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
+                                                       collate_fn=collate))
+    result = evaluate(model, loader, text_encoder, max_batches=args.max_batches, fid=fid, device=device,
+                      progress=not args.no_progress)
+    if skip:
+        at_build = int(getattr(getattr(ds, "ds", ds), "skipped", 0))
+        result["skipped_samples"] = at_build + loader.skipped
+        print(f"skipped bad samples: {at_build} at build time, {loader.skipped} unreadable image(s) while reading",
+              file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(result, args.out)
     return result
 
 
 def cli(argv=None):
-    """``main`` for the command line (one-line errors for a missing checkpoint, data folder or model file)."""
+    """``main`` for the command line: a user error (missing or unreadable checkpoint, data or model file, weights
+    that do not fit the model, bad --device / --out / --inception) is one ``eval.py: error:`` line, exit status 2."""
     from lgvq_fast.train_utils import run_cli
 
     return run_cli(main, "eval.py", argv)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lgvq_fast.data.collate import mix_seed
-from lgvq_fast.train_config import build_config, config_to_dict, validate_config
+from lgvq_fast.train_config import ConfigError, build_config, config_to_dict, validate_config
 from lgvq_fast.train_utils import (
     CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, place_models, print0, restore_rng,
     run_cli,
@@ -111,6 +111,67 @@ def build_everything(cfg, device, world):
     lr = t.lr if t.lr is not None else t.base_lr * t.batch_size * world
     opt_g, opt_d = make_optimizers(model, loss_mod, lr, t.betas, device, capturable=t.cuda_graph)
     return text_encoder, model, loss_mod, opt_g, opt_d, lr
+
+
+def _saving_on_data_error(loader, save):
+    """Iterate ``loader``; when reading a batch fails (an unreadable image, an empty caption file: a ValueError or
+    OSError naming the file), call ``save`` (a checkpoint at the current step) first, so fixing the file (or
+    passing --skip-bad-samples) and resuming loses nothing. ``save=None`` (several processes) only re-raises."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as e:
+            if save is None:  # several processes: the others are inside collectives, no checkpoint possible
+                raise
+            print0(f"reading a batch failed: {e}")
+            save("data error")
+            raise ValueError(f"{e} (a checkpoint of the steps so far was written: fix the file or pass "
+                             "--skip-bad-samples, then --resume auto)") from e
+        yield batch
+
+
+def load_resume_state(ckpt, resume, device):
+    """``(path, state)`` of the checkpoint ``resume`` names (``"auto"``: the latest readable one in the run's
+    folder, falling back to older ones past an unreadable file; ``(None, None)`` when there is none)."""
+    if resume != "auto":
+        return resume, ckpt.load(resume, device)
+    candidates = list(reversed(ckpt.all()))
+    for path in candidates:
+        try:
+            return path, ckpt.load(path, device)
+        except ValueError as e:
+            print0(f"warning: {e}; trying the checkpoint before it")
+    if candidates:
+        raise ValueError(f"--resume auto: none of the {len(candidates)} checkpoints in {ckpt.dir} can be read")
+    return None, None
+
+
+# settings that may change on resume without changing what is trained
+_RESUME_NEUTRAL = {"train.steps", "train.out", "train.resume", "train.ckpt_every", "train.keep_last",
+                   "train.sample_every", "train.eval_every", "train.log_every", "train.val_batch", "train.progress",
+                   "train.device", "train.compile", "train.compile_scope", "train.cuda_graph", "train.batch_size",
+                   "data.num_workers", "data.skip_bad_samples"}
+
+
+def config_changes(saved, now, sections=("model", "data", "train")):
+    """``"section.key: saved -> now"`` for each setting of ``sections`` that differs between a checkpoint's stored
+    config and this run's (those that do not change the training, e.g. ``train.steps``, left out)."""
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for section in sections:
+        a, b = saved.get(section) or {}, now.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            va, vb = a.get(key), b.get(key)
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if name not in _RESUME_NEUTRAL and va != vb:
+                out.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
 
 
 def compile_model(model, scope="model"):
@@ -225,30 +286,56 @@ def train(cfg):
 
     ckpt = CheckpointIO(out_dir, keep_last=t.keep_last)
     step, epoch, batch_in_epoch = 0, 0, 0
-    if t.resume:
-        path = ckpt.latest() if t.resume == "auto" else t.resume
-        if path is None:
-            print0(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
-        else:
-            state = ckpt.load(path, device)
+    path, state = load_resume_state(ckpt, t.resume, device) if t.resume else (None, None)
+    if t.resume == "auto" and path is None:
+        print0(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
+    if state is not None:
+        try:
             raw_model.load_state_dict(state["model"])
             raw_disc.load_state_dict(state["discriminator"])
             opt_g.load_state_dict(state["opt_g"])
             opt_d.load_state_dict(state["opt_d"])
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            saved_world = int(state.get("world_size", world))
-            saved_batch = int(state.get("config", {}).get("train", {}).get("batch_size", t.batch_size))
-            if (saved_world, saved_batch) != (world, t.batch_size):
-                # Keep the position in the epoch in images, not batches: continue at the first global batch
-                # of the new size not fully seen (at most one batch of images is seen twice).
-                seen = batch_in_epoch * saved_world * saved_batch
-                batch_in_epoch = seen // (world * t.batch_size)
-                if batch_in_epoch >= sampler.batches_per_epoch():
-                    epoch, batch_in_epoch = epoch + 1, 0
-                print0(f"warning: {path} was written by {saved_world} process(es) x batch {saved_batch}, this run "
-                       f"has {world} x {t.batch_size}: it continues at step {step} after {seen} images of epoch "
-                       f"{state['epoch']}, but its data order differs from an uninterrupted run")
-            print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        except (RuntimeError, ValueError, KeyError) as e:
+            changed = config_changes(state.get("config"), config_to_dict(cfg), sections=("model",))
+            why = f"its model settings differ: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"cannot resume from {path}: the weights do not fit this run's model ({why})") from e
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        changed = config_changes(state.get("config"), config_to_dict(cfg))
+        if changed:
+            print0(f"warning: resuming {path} with changed settings ({'; '.join(changed)}): the run continues "
+                   "but does not repeat the uninterrupted one")
+        saved_world = int(state.get("world_size", world))
+        saved_batch = int(state.get("config", {}).get("train", {}).get("batch_size", t.batch_size))
+        if (saved_world, saved_batch) != (world, t.batch_size):
+            # Keep the position in the epoch in images, not batches: continue at the first global batch
+            # of the new size not fully seen (at most one batch of images is seen twice).
+            seen = batch_in_epoch * saved_world * saved_batch
+            batch_in_epoch = seen // (world * t.batch_size)
+            if batch_in_epoch >= sampler.batches_per_epoch():
+                epoch, batch_in_epoch = epoch + 1, 0
+            print0(f"warning: {path} was written by {saved_world} process(es) x batch {saved_batch}, this run "
+                   f"has {world} x {t.batch_size}: it continues at step {step} after {seen} images of epoch "
+                   f"{state['epoch']}, but its data order differs from an uninterrupted run")
+        print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        if step >= t.steps:
+            print0(f"{path} is at step {step}, at or past --steps {t.steps}: nothing to train (no checkpoint written)")
+            if world > 1:
+                dist.barrier()
+                dist.destroy_process_group()
+            return {"step": step, "nothing_to_train": True, "rank": rank}
+    if world > 1:
+        dist.barrier()  # every rank has read its checkpoint before rank 0 moves any aside
+    if is_main:
+        # checkpoints of another run (or of steps after the one resumed from) are moved aside, not overwritten
+        # or pruned: keep_last only ever removes this run's older checkpoints
+        moved = ckpt.archive(after_step=step if state is not None else -1)
+        if moved is not None:
+            metrics_path = os.path.join(out_dir, "metrics.jsonl")
+            if state is None and os.path.exists(metrics_path):
+                os.replace(metrics_path, os.path.join(moved, "metrics.jsonl"))
+            what = f"after step {step}" if state is not None else "of an earlier run"
+            print0(f"warning: {ckpt.dir} held checkpoints {what}; moved them to {moved} (--resume auto continues "
+                   "the latest run in a folder)")
     if t.compile:
         model = compile_model(model, t.compile_scope)
     if world > 1:
@@ -326,7 +413,7 @@ def train(cfg):
     loss_mod.train()
     while step < t.steps and not stop.stop:
         sampler.set_position(epoch, batch_in_epoch)
-        for batch in loader:
+        for batch in _saving_on_data_error(loader, save if world == 1 else None):
             x = batch["image"].to(device, non_blocking=True)
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

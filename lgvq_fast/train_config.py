@@ -6,6 +6,7 @@ parsed to the field's current type (bool accepts true/false/1/0, tuples take ``1
 """
 import ast
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from lgvq_fast.models.lgvq import LGVQConfig, preset as model_preset
@@ -208,7 +209,7 @@ def validate_config(cfg):
                           "replays eager kernels; pick one")
     if t.cuda_graph and t.device == "cpu":
         raise ConfigError("train.cuda_graph needs a CUDA device, got --device cpu")
-    if t.cuda_graph and m.quantizer_kwargs.get("threshold_ema_dead_code", 0) > 0:
+    if t.cuda_graph and isinstance(m.quantizer_kwargs, dict) and m.quantizer_kwargs.get("threshold_ema_dead_code", 0) > 0:
         raise ConfigError("train.cuda_graph cannot capture the dead-code restart (it counts dead codes on the host "
                           "every step): set model.quantizer_kwargs without threshold_ema_dead_code")
     if t.norm_impl not in ("auto", "native", "triton"):
@@ -217,10 +218,68 @@ def validate_config(cfg):
         raise ConfigError(f"train.amp must be bf16 (autocast on GPU) or none, got {t.amp!r}")
     if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {t.device!r}")
+    if d.name not in ("shapes", "cub", "celebahq", "coco"):
+        raise ConfigError(f"data.name must be shapes, cub, celebahq or coco, got {d.name!r}")
+    if d.name in ("cub", "celebahq") and not d.root:
+        raise ConfigError(f"dataset {d.name!r} needs its folder: --data-root DIR")
+    if d.name == "coco" and not (d.image_dir and d.annotations):
+        raise ConfigError("dataset 'coco' needs --image-dir and --annotations")
+    if m.quantizer not in ("vq", "cvq"):
+        raise ConfigError(f"model.quantizer must be vq or cvq, got {m.quantizer!r}")
+    if not isinstance(m.quantizer_kwargs, dict):
+        raise ConfigError(f"model.quantizer_kwargs must be a dict, got {m.quantizer_kwargs!r}")
+    _check_quantizer_kwargs(m)
+    if not (isinstance(m.ch, int) and not isinstance(m.ch, bool) and m.ch > 0):
+        raise ConfigError(f"model.ch must be a positive integer, got {m.ch!r}")
+    mult = tuple(m.ch_mult) if isinstance(m.ch_mult, (tuple, list)) else ()
+    if not mult or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in mult):
+        raise ConfigError(f"model.ch_mult must be one or more positive integers, got {m.ch_mult!r}")
+    if any((m.ch * v) % 32 for v in mult):
+        raise ConfigError(f"model.ch * model.ch_mult must be multiples of 32 (GroupNorm with 32 groups), got ch={m.ch}, "
+                          f"ch_mult={mult}")
+    if not (_numbers(m.mask_ratio_range, 2) and 0.0 <= m.mask_ratio_range[0] <= m.mask_ratio_range[1] <= 1.0):
+        raise ConfigError(f"model.mask_ratio_range must be two numbers 0 <= low <= high <= 1, got "
+                          f"{m.mask_ratio_range!r}")
+    if not (_numbers(t.betas, 2) and all(0.0 <= b < 1.0 for b in t.betas)):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas!r}")
+    if t.device != "auto" and str(t.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {t.device}: this machine has no CUDA device available to torch")
+    if t.out and os.path.exists(t.out) and not os.path.isdir(t.out):
+        raise ConfigError(f"--out {t.out} is a file; the run's output folder must be a directory")
     factor = 2 ** (len(m.ch_mult) - 1)
     if m.resolution % factor:
         raise ConfigError(f"model.resolution {m.resolution} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
                           f"(ch_mult {tuple(m.ch_mult)})")
+
+
+def _numbers(value, n):
+    return (isinstance(value, (tuple, list)) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _check_quantizer_kwargs(m):
+    """Unknown keys of model.quantizer_kwargs name themselves here instead of in a TypeError at build time."""
+    import inspect
+
+    # the arguments the builder sets from the model config (lgvq_fast.models.lgvq._build_quantizer)
+    if m.quantizer == "vq":
+        from lgvq_fast.quantize import VectorQuantizer as cls
+
+        taken = {"self", "dim", "codebook_size", "commitment_weight", "legacy", "use_cosine_sim", "ema_update",
+                 "decay", "channel_last"}
+    else:
+        from lgvq_fast.quantize_cvq import CVQVectorQuantizer as cls
+
+        taken = {"self", "dim", "codebook_size", "commitment_weight", "channel_last"}
+    params = inspect.signature(cls.__init__).parameters
+    allowed = sorted(k for k, p in params.items() if k not in taken and p.kind != p.VAR_KEYWORD)
+    unknown = sorted(set(m.quantizer_kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.quantizer_kwargs: unknown key(s) {unknown} for quantizer {m.quantizer!r}; "
+                          f"allowed: {allowed}")
 
 
 def config_to_dict(cfg):

@@ -105,7 +105,9 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.graph(graph, stream=self.stream):
+        # thread_local: a DataLoader pin-memory thread allocating pinned memory meanwhile must neither fail nor
+        # invalidate the capture (the autograd thread's kernels on the capture stream are still recorded)
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             outputs = self._step(static_x, static_text, step)
         current.wait_stream(self.stream)
         self.graph, self.static, self.outputs = graph, (static_x, static_text), outputs

@@ -22,15 +22,16 @@ def print0(*args, **kwargs):
 
 
 def run_cli(main, prog, argv=None):
-    """Run ``main(argv)`` for the command line: a bad configuration or a missing file (data folder, text encoder
-    folder, checkpoint) is printed as one ``<prog>: error:`` line with exit status 2 instead of a traceback; set
-    ``LGVQ_TRACEBACK=1`` to see the traceback. Every other exception propagates unchanged."""
+    """Run ``main(argv)`` for the command line: a bad configuration, a missing or unreadable file (data folder,
+    image, caption file, text encoder folder, checkpoint) or a bad value -- every ``ValueError`` and ``OSError``,
+    whose messages name the culprit -- is printed as one ``<prog>: error:`` line with exit status 2 instead of a
+    traceback; set ``LGVQ_TRACEBACK=1`` to see the traceback. Every other exception propagates unchanged."""
     from lgvq_fast._backend import env_flag
     from lgvq_fast.train_config import ConfigError
 
     try:
         return main(argv)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         if env_flag("LGVQ_TRACEBACK"):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
@@ -75,7 +76,9 @@ class CheckpointIO:
     """``out/checkpoints/step_<7-digit step>.pt``, written to a temp file in the same folder and renamed.
 
     ``os.replace`` is atomic on POSIX, so a crash while saving leaves the previous checkpoints intact and
-    never a partial file under a checkpoint name.
+    never a partial file under a checkpoint name. ``keep_last`` prunes only checkpoints older than the one just
+    written; checkpoints of another run (a fresh start in a used folder, or the later steps of a run resumed
+    from an earlier checkpoint) are first moved aside by :meth:`archive`, never deleted.
     """
 
     pattern = re.compile(r"step_(\d+)\.pt$")
@@ -87,17 +90,35 @@ class CheckpointIO:
     def path(self, step):
         return os.path.join(self.dir, f"step_{step:07d}.pt")
 
-    def all(self):
+    def _steps(self):
         found = []
         for p in glob.glob(os.path.join(self.dir, "step_*.pt")):
             m = self.pattern.search(p)
             if m:
                 found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        return sorted(found)
+
+    def all(self):
+        return [p for _, p in self._steps()]
 
     def latest(self):
         paths = self.all()
         return paths[-1] if paths else None
+
+    def archive(self, after_step=-1):
+        """Move the checkpoints of steps above ``after_step`` (all by default) into a new ``earlier_<k>/``
+        subfolder of the checkpoint folder. Returns that folder, or None when there was nothing to move."""
+        moving = [p for s, p in self._steps() if s > after_step]
+        if not moving:
+            return None
+        k = 1
+        while os.path.exists(os.path.join(self.dir, f"earlier_{k}")):
+            k += 1
+        dest = os.path.join(self.dir, f"earlier_{k}")
+        os.makedirs(dest)
+        for p in moving:
+            os.replace(p, os.path.join(dest, os.path.basename(p)))
+        return dest
 
     def save(self, state, step):
         os.makedirs(self.dir, exist_ok=True)
@@ -113,7 +134,8 @@ class CheckpointIO:
             if os.path.exists(tmp):
                 os.remove(tmp)
         if self.keep_last:
-            for old in self.all()[:-self.keep_last]:
+            older = [p for s, p in self._steps() if s < step]
+            for old in older[:max(0, len(older) - (self.keep_last - 1))]:
                 os.remove(old)
         return path
 
@@ -121,8 +143,14 @@ class CheckpointIO:
     def load(path, device="cpu"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        # weights_only=False: the checkpoint holds RNG states and the config (plain Python objects we wrote)
-        return torch.load(path, map_location=device, weights_only=False)
+        try:
+            # weights_only=False: the checkpoint holds RNG states and the config (plain Python objects we wrote)
+            state = torch.load(path, map_location=device, weights_only=False)
+        except Exception as e:  # truncated or foreign file: name it
+            raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        if not isinstance(state, dict) or "model" not in state or "step" not in state:
+            raise ValueError(f"{path} is not a lgvq_fast training checkpoint (no 'model' and 'step' entries)")
+        return state
 
 
 class DiscSwap:

@@ -213,6 +213,126 @@ def test_coco_uses_file_name_and_random_caption(tmp_path):
     assert COCOCaptions(os.path.join(root, "img"), ann_path, resolution=12, skip_bad_samples=True).skipped == 1
 
 
+def _coco(root, images, anns, missing=()):
+    for im in images:
+        if isinstance(im, dict) and isinstance(im.get("file_name"), str) and im["file_name"] not in missing:
+            _img(os.path.join(root, "img", im["file_name"]), size=(20, 20))
+    ann_path = os.path.join(root, "captions.json")
+    with open(ann_path, "w") as f:
+        json.dump({"images": images, "annotations": anns}, f)
+    return os.path.join(root, "img"), ann_path
+
+
+_COCO_IMAGES = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}]
+_COCO_ANNS = [{"image_id": 1, "caption": "a dog"}, {"image_id": 2, "caption": "a cat"},
+              {"image_id": 2, "caption": "a cat again"}]
+
+
+@pytest.mark.parametrize("lst,index,entry,message", [
+    ("images", 1, {"id": 2}, "has no 'file_name'"),
+    ("images", 1, {"file_name": "b.jpg"}, "has no 'id'"),
+    ("images", 0, "a.jpg", "is not an object"),
+    ("annotations", 2, {"caption": "a cat again"}, "has no 'image_id'"),
+    ("annotations", 2, {"image_id": 2}, "has no 'caption'"),
+    ("annotations", 2, {"image_id": 2, "caption": 5}, "'caption' must be a string, got 5"),
+    ("annotations", 2, {"image_id": [2], "caption": "x"}, "'image_id' must be an integer or a string"),
+], ids=["no-file_name", "no-id", "image-not-object", "no-image_id", "no-caption", "caption-int", "image_id-list"])
+def test_coco_malformed_entry_names_json_list_index_key(tmp_path, lst, index, entry, message):
+    """A malformed entry is a ValueError naming the JSON, the list, the index and the key, or is skipped."""
+    images, anns = [dict(im) for im in _COCO_IMAGES], [dict(a) for a in _COCO_ANNS]
+    (images if lst == "images" else anns)[index] = entry
+    image_dir, ann_path = _coco(str(tmp_path), images, anns)
+    with pytest.raises(ValueError) as err:
+        COCOCaptions(image_dir, ann_path, resolution=12)
+    assert f"captions.json: {lst}[{index}]" in str(err.value) and message in str(err.value)
+    ds = COCOCaptions(image_dir, ann_path, resolution=12, skip_bad_samples=True)
+    assert ds.skipped == 1 and ds.skipped_files == {f"{ann_path}: {lst}[{index}]"}
+    assert len(ds) == (1 if lst == "images" else 2)
+
+
+def test_coco_without_images_list(tmp_path):
+    ann_path = os.path.join(str(tmp_path), "captions.json")
+    with open(ann_path, "w") as f:
+        json.dump({"images": {}, "annotations": []}, f)
+    with pytest.raises(ValueError, match="captions.json has no 'images' list"):
+        COCOCaptions(str(tmp_path), ann_path, resolution=12)
+
+
+@pytest.mark.parametrize("kind,ext", [("I;16", "png"), ("I;16B", "tif"), ("I", "tif"), ("I wide", "tif"),
+                                      ("F", "tif")])
+def test_deep_images_load_like_8bit(tmp_path, kind, ext):
+    """16-bit, 32-bit int and float images are scaled to 8 bits, not clipped to white (or black)."""
+    from lgvq_fast.data.folders import load_image
+    from lgvq_fast.data.shapes import pil_to_tensor
+
+    g8 = np.arange(256, dtype=np.int64).reshape(16, 16)
+    g16 = np.clip(g8 * 257 + (g8 % 7) * 10 - 30, 0, 65535)  # rounds back to g8 when divided by 257
+    if kind == "I;16":
+        img = Image.fromarray(g16.astype(np.uint16))
+    elif kind == "I;16B":
+        img = Image.frombytes("I;16B", (16, 16), g16.astype(">u2").tobytes())
+    elif kind == "I":
+        img = Image.fromarray(g16.astype(np.int32))
+    elif kind == "I wide":
+        img = Image.fromarray((g8 << 20).astype(np.int32))
+    else:
+        img = Image.fromarray((g8 / 255).astype(np.float32))
+    deep, ref = str(tmp_path / f"deep.{ext}"), str(tmp_path / "ref.png")
+    img.save(deep)
+    assert Image.open(deep).mode == kind.split(" ")[0]
+    Image.fromarray(g8.astype(np.uint8)).save(ref)
+    a, b = pil_to_tensor(load_image(deep)), pil_to_tensor(load_image(ref))
+    assert a.shape == b.shape == (3, 16, 16)
+    assert float((a - b).abs().max()) <= 2 / 255 + 1e-6  # one 8-bit step in [-1, 1] units
+
+
+def test_celebahq_extensions_any_case(tmp_path):
+    root = str(tmp_path)
+    names = ["0.JPG", "1.tiff", "2.Tif", "3.png"]
+    os.makedirs(os.path.join(root, "celeba-caption"))
+    for n in names:
+        _img(os.path.join(root, "images", n), size=(12, 12))
+    Image.new("RGB", (12, 12)).save(os.path.join(root, "images", "4.jpeg.txt"), format="JPEG")  # not an image name
+    for i in range(5):
+        with open(os.path.join(root, "celeba-caption", f"{i}.txt"), "w") as f:
+            f.write("a face\n")
+    with open(os.path.join(root, "train.txt"), "w") as f:
+        f.write("0\n1.jpg\n2\n3\n")
+    ds = CelebAHQCaptions(root, "train", resolution=8)
+    assert [os.path.basename(p) for p, _ in ds.entries] == names
+    assert ds[1]["image"].shape == (3, 8, 8)
+    with open(os.path.join(root, "train.txt"), "a") as f:
+        f.write("4\n")
+    with pytest.raises(FileNotFoundError) as err:
+        CelebAHQCaptions(root, "train", resolution=8)
+    msg = str(err.value)
+    assert "'4'" in msg and os.path.join(root, "images") in msg and ".tiff" in msg and "4.jpg" not in msg
+    ds = CelebAHQCaptions(root, "train", resolution=8, skip_bad_samples=True)
+    assert len(ds) == 4 and ds.skipped_files == {os.path.join(root, "images", "4")}
+
+
+def test_skipped_counts_distinct_files(tmp_path):
+    """Two adjacent unreadable images are counted twice in all, over any number of epochs."""
+    _cub(str(tmp_path))
+    bad = [os.path.join(str(tmp_path), "images", "001.Bird", "img_1.jpg"),
+           os.path.join(str(tmp_path), "images", "002.Other", "img_2.jpg")]
+    for p in bad:
+        with open(p, "wb") as f:
+            f.write(b"not a jpeg")
+    ds = KeyedDataset(CUBDataset(str(tmp_path), "train", resolution=16, skip_bad_samples=True))
+    collate = make_collate(None, 8)
+    total = sum(collate([ds[(i, epoch, 0)] for i in range(3)])["skipped"] for epoch in range(3))
+    assert total == 2 and ds.dataset.unreadable_files == set(bad)
+    assert "3" in ds[(0, 5, 0)]["caption"].split() and "skipped" not in ds[(0, 5, 0)]
+    fresh = CUBDataset(str(tmp_path), "train", resolution=16, skip_bad_samples=True)
+    assert fresh.get(0)["skipped_files"] == tuple(bad)
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "gone.jpg"}, {"id": 3, "file_name": "gone.jpg"}]
+    anns = [{"image_id": i, "caption": "x"} for i in (1, 2, 3)]
+    image_dir, ann_path = _coco(str(tmp_path / "coco"), images, anns, missing=("gone.jpg",))
+    ds = COCOCaptions(image_dir, ann_path, resolution=8, skip_bad_samples=True)
+    assert len(ds) == 1 and ds.skipped == 1 and ds.skipped_files == {os.path.join(image_dir, "gone.jpg")}
+
+
 def test_caption_filter_falls_back_to_truncation():
     caps = ["one two three four five six", "a b c d e f g"]
     assert eligible_captions(caps + ["short one"], max_words=3) == ["short one"]

@@ -126,7 +126,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     io = CheckpointIO(str(tmp_path))
-    good = io.save({"step": 1, "w": torch.randn(5)}, 1)
+    good = io.save({"step": 1, "model": {"w": torch.randn(5)}}, 1)
 
     def broken_save(obj, f):
         f.write(b"partial bytes")
@@ -134,7 +134,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        io.save({"step": 2, "w": torch.randn(5)}, 2)
+        io.save({"step": 2, "model": {"w": torch.randn(5)}}, 2)
     monkeypatch.undo()
     assert io.all() == [good]
     assert os.listdir(io.dir) == [os.path.basename(good)]
@@ -260,6 +260,15 @@ def test_set_override_parsing():
     (["--set", "train.norm_impl=fused"], "train.norm_impl must be auto, native or triton, got 'fused'"),
     (["--set", "nosection=1"], "--set key must be model.<field>"),
     (["--set", "model.codebook_size"], "--set expects KEY=VALUE"),
+    (["--set", "data.name=shape"], "data.name must be shapes, cub, celebahq or coco, got 'shape'"),
+    (["--config", "cub"], "dataset 'cub' needs its folder: --data-root DIR"),
+    (["--config", "coco", "--image-dir", "/tmp"], "dataset 'coco' needs --image-dir and --annotations"),
+    (["--set", "model.quantizer=vqq"], "model.quantizer must be vq or cvq, got 'vqq'"),
+    (["--set", "model.ch=16"], "model.ch * model.ch_mult must be multiples of 32"),
+    (["--set", "model.ch_mult="], "model.ch_mult must be one or more positive integers"),
+    (["--set", "model.mask_ratio_range=0.5,0.1"], "model.mask_ratio_range must be two numbers 0 <= low <= high"),
+    (["--set", "train.betas=0.5"], "train.betas must be two numbers in [0, 1)"),
+    (["--set", "train.cuda_graph=true", "--set", "model.quantizer_kwargs=none"], "model.quantizer_kwargs must be a dict"),
 ])
 def test_bad_config_names_the_field(argv, culprit):
     from lgvq_fast.train_config import ConfigError, build_config
@@ -420,6 +429,23 @@ def test_tiny_run_on_gpu_with_bf16_autocast(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.gpu
+def test_tiny_run_on_gpu_with_cuda_graph(tmp_path):
+    """train.cuda_graph in the trainer: warm-up, capture after disc_start, replays; checkpoint and resume."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = tmp_path / "graph"
+    common = ["--device", "cuda", "--set", "train.cuda_graph=true", "--set", "train.channels_last=true",
+              "--set", "model.quantizer_kwargs={}", "--num-workers", "2"]
+    summary = _run(out, "--steps", "9", *common)
+    assert summary["step"] == 9 and summary["val_psnr_end"] == summary["val_psnr_end"]
+    rows = [r for r in _rows(out) if "total" in r]
+    assert len(rows) == 9 and all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
+    assert all("d_loss" in r for r in rows[2:])  # the captured phase trains the discriminator
+    summary = _run(out, "--steps", "12", "--resume", "auto", *common)
+    assert summary["step"] == 12
+
+
 def test_make_optimizers_fuses_adam_on_cuda_only():
     from lgvq_fast.train import make_optimizers
 
@@ -436,3 +462,110 @@ def test_make_optimizers_fuses_adam_on_cuda_only():
     assert opt_g.defaults["fused"] is True and opt_d.defaults["fused"] is True
     model(torch.randn(5, 3)).sum().backward()
     opt_g.step()  # runs
+
+
+def test_quantizer_kwargs_and_output_path_are_checked(tmp_path):
+    from lgvq_fast.train_config import PRESETS, ConfigError, validate_config
+
+    cfg = PRESETS["tiny-cpu"]()
+    cfg.model.quantizer_kwargs = {"threshold_ema_dead_code": 1.0, "foo": 1}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['foo'\] for quantizer 'vq'"):
+        validate_config(cfg)
+    cfg.model.quantizer, cfg.model.quantizer_kwargs = "cvq", {"decay": 0.9, "anchor": "closest"}
+    validate_config(cfg)  # the CVQ's own options
+    cfg = PRESETS["tiny-cpu"]()
+    (tmp_path / "afile").write_text("x")
+    cfg.train.out = str(tmp_path / "afile")
+    with pytest.raises(ConfigError, match="is a file"):
+        validate_config(cfg)
+    if not torch.cuda.is_available():
+        cfg.train.out, cfg.train.device = None, "cuda"
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            validate_config(cfg)
+
+
+def test_fresh_run_in_a_used_folder_moves_the_old_checkpoints_aside(tmp_path, capsys):
+    _run(tmp_path, "--steps", "4", "--ckpt-every", "1")
+    old = CheckpointIO(str(tmp_path)).all()
+    assert [os.path.basename(p) for p in old] == ["step_0000002.pt", "step_0000003.pt", "step_0000004.pt"]
+    capsys.readouterr()
+    summary = _run(tmp_path, "--steps", "2", "--ckpt-every", "1")  # a new run, no --resume
+    assert summary["step"] == 2 and "moved them to" in capsys.readouterr().out
+    io = CheckpointIO(str(tmp_path))
+    assert [os.path.basename(p) for p in io.all()] == ["step_0000001.pt", "step_0000002.pt"]
+    moved = tmp_path / "checkpoints" / "earlier_1"
+    assert sorted(p.name for p in moved.glob("step_*.pt")) == [os.path.basename(p) for p in old]
+    assert (moved / "metrics.jsonl").exists() and max(r.get("step", 0) for r in _rows(tmp_path)) == 2
+    # keep_last prunes this run's older checkpoints only, and --resume auto continues this run
+    summary = _run(tmp_path, "--steps", "6", "--ckpt-every", "1", "--resume", "auto")
+    assert summary["step"] == 6
+    assert [os.path.basename(p) for p in io.all()] == ["step_0000004.pt", "step_0000005.pt", "step_0000006.pt"]
+    assert len(list(moved.glob("step_*.pt"))) == 3
+    # resuming from an earlier checkpoint moves the later ones aside instead of overwriting them
+    summary = _run(tmp_path, "--steps", "5", "--resume", io.path(4))
+    assert summary["step"] == 5
+    assert [os.path.basename(p) for p in io.all()] == ["step_0000004.pt", "step_0000005.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "earlier_2").glob("*.pt")) == [
+        "step_0000005.pt", "step_0000006.pt"]
+
+
+def test_unreadable_checkpoints(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LGVQ_TRACEBACK", raising=False)
+    _run(tmp_path, "--steps", "3", "--ckpt-every", "1")
+    io = CheckpointIO(str(tmp_path))
+    good = open(io.path(2), "rb").read()
+    with open(io.path(3), "wb") as f:  # truncated latest checkpoint
+        f.write(good[: len(good) // 3])
+    capsys.readouterr()
+    summary = _run(tmp_path, "--steps", "4", "--resume", "auto")  # falls back to step 2
+    out = capsys.readouterr().out
+    assert summary["step"] == 4 and f"cannot read checkpoint {io.path(3)}" in out and "resumed from" in out
+    bad = tmp_path / "text.pt"
+    bad.write_text("hello")
+    with pytest.raises(SystemExit) as info:
+        train_mod.cli(TINY + ["--out", str(tmp_path / "r2"), "--resume", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith(f"train.py: error: cannot read checkpoint {bad}"), err
+
+
+def test_resume_checks_the_config(tmp_path, capsys):
+    from lgvq_fast.train_config import ConfigError
+
+    _run(tmp_path, "--steps", "2")
+    path = CheckpointIO(str(tmp_path)).latest()
+    with pytest.raises(ConfigError, match=r"cannot resume from .*model.codebook_size: 24 -> 32"):
+        _run(tmp_path, "--steps", "3", "--resume", path, "--set", "model.codebook_size=32")
+    capsys.readouterr()
+    _run(tmp_path, "--steps", "3", "--resume", "auto", "--set", "model.w_gsa=0.5")
+    assert "changed settings (model.w_gsa" in capsys.readouterr().out
+    # at or past --steps: nothing to train, the checkpoint stays as it was
+    latest = CheckpointIO(str(tmp_path)).latest()
+    before = open(latest, "rb").read()
+    summary = _run(tmp_path, "--steps", "2", "--resume", "auto")
+    assert summary == {"step": 3, "nothing_to_train": True, "rank": 0}
+    assert open(latest, "rb").read() == before and CheckpointIO(str(tmp_path)).latest() == latest
+
+
+def test_data_error_mid_run_saves_a_checkpoint_first(tmp_path, monkeypatch, capsys):
+    from lgvq_fast.data import shapes
+
+    real = shapes.ShapesDataset.get
+    calls = {"n": 0}
+
+    def flaky(self, i, rng=None):
+        if self.split == "train":
+            calls["n"] += 1
+            if calls["n"] > 4 * 3:  # the 4th batch of 4 fails
+                raise ValueError("cannot read image file /data/broken.png: truncated")
+        return real(self, i, rng)
+
+    monkeypatch.setattr(shapes.ShapesDataset, "get", flaky)
+    monkeypatch.delenv("LGVQ_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        train_mod.cli(TINY + ["--out", str(tmp_path), "--steps", "10", "--ckpt-every", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "/data/broken.png" in err[-1] and "--resume auto" in err[-1], err
+    state = CheckpointIO.load(CheckpointIO(str(tmp_path)).latest())
+    assert state["step"] == 3
+    monkeypatch.setattr(shapes.ShapesDataset, "get", real)
+    assert _run(tmp_path, "--steps", "5", "--resume", "auto")["step"] == 5

@@ -2,39 +2,74 @@
 
 All return ``{"image": [3, R, R] float in [-1, 1], "caption": str}`` with one caption drawn uniformly at each
 access from the image's eligible captions (at most ``max_words`` words; when none qualifies, the captions are
-truncated to ``max_words`` words instead of failing). Missing files and empty caption files are found when the
-dataset is built; unreadable images when they are read. Both raise an error naming the file, or, with
-``skip_bad_samples=True``, are skipped and counted (``dataset.skipped`` at build time; a sample whose image
-cannot be decoded is replaced by the next readable one and its ``"skipped"`` field counts the replacements).
+truncated to ``max_words`` words instead of failing). Missing files, empty caption files and malformed
+annotation entries are found when the dataset is built; unreadable images when they are read. Both raise a
+FileNotFoundError / ValueError naming the file, or, with ``skip_bad_samples=True``, are skipped and counted once
+per distinct file: ``dataset.skipped_files`` holds what was skipped at build time and ``dataset.skipped`` its
+number. A sample whose image cannot be decoded is replaced by the next readable one; each copy of the dataset
+(one per DataLoader worker process) remembers the images it found unreadable in ``dataset.unreadable_files`` and
+passes over them without reading them again, and a sample's ``"skipped"`` field counts only the images found
+unreadable for the first time while drawing it (``"skipped_files"`` names them).
 """
 import json
 import os
 import random
 
+import numpy as np
 from PIL import Image
 
 from lgvq_fast.data.shapes import pil_to_tensor
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Matched case-insensitively where a folder is searched for an image id (CelebA-HQ).
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def load_image(path):
-    """Open ``path`` as RGB; FileNotFoundError / ValueError naming the file when it is missing or unreadable."""
+    """Open ``path`` as 8-bit RGB; FileNotFoundError / ValueError naming the file when it is missing or unreadable.
+
+    Single-channel images deeper than 8 bits are scaled to 0..255 before the RGB conversion (which would clip
+    them): the 16-bit modes ``I;16``, ``I;16B``, ... are divided by 257 (0..65535 -> 0..255); the 32-bit integer
+    mode ``I`` is read as 8-bit when its maximum is <= 255, as 16-bit (divided by 257) when it is <= 65535, and
+    is otherwise scaled so that its maximum becomes 255; the float mode ``F`` is read as [0, 1] when its maximum
+    is <= 1, as [0, 255] when it is <= 255, and is otherwise scaled so that its maximum becomes 255. Negative
+    and non-finite values become 0.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                img = _to_8bit(img)
             return img.convert("RGB")
     except Exception as exc:
         raise ValueError(f"cannot read image file {path}: {exc}") from exc
+
+
+def _to_8bit(img):
+    """Mode ``I;16*``, ``I`` or ``F`` image -> mode ``L`` image, scaled by the rule stated in ``load_image``."""
+    arr = np.asarray(img, dtype=np.float64)
+    arr = np.where(np.isfinite(arr), arr, 0.0).clip(min=0.0)
+    hi = float(arr.max())
+    if img.mode.startswith("I;16") or (img.mode == "I" and 255 < hi <= 65535):
+        scale = 1 / 257
+    elif img.mode == "F" and hi <= 1:
+        scale = 255.0
+    elif hi <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / hi
+    return Image.fromarray(np.rint(arr * scale).clip(0, 255).astype(np.uint8))
 
 
 def read_captions(path):
     """Non-empty, lower-cased, stripped lines of ``path``; ValueError naming the file when there are none."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption file not found: {path}")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line.strip().lower() for line in f]
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip().lower() for line in f]
+    except OSError as exc:
+        raise ValueError(f"cannot read caption file {path}: {exc}") from exc
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"caption file is empty: {path}")
@@ -69,7 +104,12 @@ def resize_crop(img, resolution, rng=None, random_crop=False, flip=False):
 
 
 class FolderCaptionDataset:
-    """Shared logic: ``entries`` is a list of (image_path, caption_source) built by a subclass."""
+    """Shared logic: ``entries`` is a list of (image_path, eligible captions) built by a subclass.
+
+    ``skipped_files``: the set of bad files skipped at build time (for a malformed annotation entry, the JSON
+    path and the entry, e.g. ``captions.json: annotations[3]``); ``skipped``: their number.
+    ``unreadable_files``: the set of images this copy of the dataset found unreadable while reading.
+    """
 
     random_crop = False
     flip = False
@@ -79,30 +119,41 @@ class FolderCaptionDataset:
             raise ValueError(f"resolution must be >= 8, got {resolution}")
         self.resolution, self.seed, self.max_words = int(resolution), int(seed), max_words
         self.skip_bad_samples = bool(skip_bad_samples)
-        self.skipped = 0
-        self.skipped_files = []
+        self.skipped_files = set()
+        self.unreadable_files = set()
         self.entries = []
 
-    def _bad(self, exc):
+    @property
+    def skipped(self):
+        """Number of distinct bad files (or annotation entries) skipped when the dataset was built."""
+        return len(self.skipped_files)
+
+    def _bad(self, exc, source):
+        """Raise ``exc``, or with ``skip_bad_samples`` record ``source`` (the file at fault) as skipped."""
         if not self.skip_bad_samples:
             raise exc
-        self.skipped += 1
-        self.skipped_files.append(str(exc))
+        self.skipped_files.add(source)
 
     def _add(self, image_path, caption_path=None, captions=None):
-        """Append an entry after checking the files; captions are read now (small) so bad ones show early."""
-        try:
-            if not os.path.isfile(image_path):
-                raise FileNotFoundError(f"image file not found: {image_path}")
-            if captions is None:
-                captions = read_captions(caption_path)
-            else:
-                captions = [c.strip().lower() for c in captions if c and c.strip()]
-                if not captions:
-                    raise ValueError(f"no non-empty caption for image {image_path}")
-        except (FileNotFoundError, ValueError) as exc:
-            self._bad(exc)
+        """Append an entry after checking the files; captions are read now (small) so bad ones show early.
+
+        A bad entry is skipped under the name of the file at fault: the missing image, the caption file, or
+        (``captions`` given) the image that has no non-empty caption.
+        """
+        if not os.path.isfile(image_path):
+            self._bad(FileNotFoundError(f"image file not found: {image_path}"), image_path)
             return
+        if captions is None:
+            try:
+                captions = read_captions(caption_path)
+            except (FileNotFoundError, ValueError) as exc:
+                self._bad(exc, caption_path)
+                return
+        else:
+            captions = [c.strip().lower() for c in captions if c.strip()]
+            if not captions:
+                self._bad(ValueError(f"no non-empty caption for image {image_path}"), image_path)
+                return
         self.entries.append((image_path, eligible_captions(captions, self.max_words)))
 
     def _finish(self, what):
@@ -113,23 +164,34 @@ class FolderCaptionDataset:
         return len(self.entries)
 
     def get(self, index, rng=None):
+        """Sample ``index``; with ``skip_bad_samples`` an unreadable image is replaced by the next readable entry.
+
+        Images found unreadable join ``unreadable_files`` and are passed over from then on without being read;
+        when this call found any, the sample's ``"skipped"`` field is their number and ``"skipped_files"`` their
+        paths, so the ``"skipped"`` fields of all samples one copy of the dataset draws add up to the number of
+        distinct unreadable images it met.
+        """
         rng = rng or random.Random(self.seed * 1_000_003 + int(index))
-        replaced = 0
+        found = []
         for attempt in range(len(self.entries)):
             path, captions = self.entries[(int(index) + attempt) % len(self.entries)]
+            if path in self.unreadable_files:
+                continue
             try:
                 img = load_image(path)
             except (FileNotFoundError, ValueError):
                 if not self.skip_bad_samples:
                     raise
-                replaced += 1
+                self.unreadable_files.add(path)
+                found.append(path)
                 continue
             img = resize_crop(img, self.resolution, rng, self.random_crop, self.flip)
             sample = {"image": pil_to_tensor(img), "caption": rng.choice(captions)}
-            if replaced:
-                sample["skipped"] = replaced
+            if found:
+                sample["skipped"], sample["skipped_files"] = len(found), tuple(found)
             return sample
-        raise ValueError(f"no readable image in the dataset (last tried: {path})")
+        raise ValueError(f"no readable image among the {len(self.entries)} images of the dataset "
+                         f"({len(self.unreadable_files)} unreadable, e.g. {path})")
 
     def __getitem__(self, index):
         return self.get(int(index))
@@ -169,8 +231,9 @@ class CUBDataset(FolderCaptionDataset):
 class CelebAHQCaptions(FolderCaptionDataset):
     """CelebA-HQ with the Multi-Modal-CelebA-HQ captions.
 
-    Layout: ``root/images/<id>.jpg``, ``root/celeba-caption/<id>.txt``, and the split as a list of ids
-    (one per line, with or without extension) in ``root/<split>.txt``. Resize + centre crop (no flip).
+    Layout: ``root/images/<id>.<ext>`` (any extension of IMAGE_EXTS, in any case; the first of IMAGE_EXTS
+    wins when several exist), ``root/celeba-caption/<id>.txt``, and the split as a list of ids (one per line,
+    with or without extension) in ``root/<split>.txt``. Resize + centre crop (no flip).
     """
 
     def __init__(self, root, split="train", resolution=256, seed=0, max_words=27, skip_bad_samples=False):
@@ -180,8 +243,14 @@ class CelebAHQCaptions(FolderCaptionDataset):
             raise FileNotFoundError(f"CelebA-HQ split file not found: {split_file} (one image id per line)")
         with open(split_file, encoding="utf-8") as f:
             ids = [os.path.splitext(os.path.basename(line.strip()))[0] for line in f if line.strip()]
+        folder = os.path.join(root, "images")
+        index = _image_index(folder)
         for i in ids:
-            image = _find_image(os.path.join(root, "images"), i)
+            try:
+                image = _find_image(index, folder, i)
+            except FileNotFoundError as exc:
+                self._bad(exc, os.path.join(folder, i))
+                continue
             self._add(image, os.path.join(root, "celeba-caption", f"{i}.txt"))
         self._finish(f"CelebA-HQ {split} split in {root}")
 
@@ -190,7 +259,11 @@ class COCOCaptions(FolderCaptionDataset):
     """COCO captions: one sample per image, one of its captions drawn at every access.
 
     The image path is ``image_dir/<file_name>`` from the annotation JSON's ``images`` list (never rebuilt from
-    the id). Resize + centre crop, horizontal flip on the train split only.
+    the id). Every ``images`` entry needs a string ``file_name`` and an int or string ``id``, every
+    ``annotations`` entry an int or string ``image_id`` and a string ``caption``; a malformed entry raises a
+    ValueError naming the JSON, the list, the entry's index and the key, or with ``skip_bad_samples`` is skipped
+    (``skipped_files`` then holds e.g. ``captions.json: annotations[3]``). Resize + centre crop, horizontal flip
+    on the train split only.
     """
 
     def __init__(self, image_dir, annotation_json, resolution=256, split="train", seed=0, max_words=27,
@@ -202,15 +275,45 @@ class COCOCaptions(FolderCaptionDataset):
         try:
             with open(annotation_json, encoding="utf-8") as f:
                 data = json.load(f)
-            images, annotations = data["images"], data["annotations"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(f"cannot parse COCO annotation file {annotation_json}: {exc}") from exc
+        for key in ("images", "annotations"):
+            if not isinstance(data, dict) or not isinstance(data.get(key), list):
+                raise ValueError(f"COCO annotation file {annotation_json} has no {key!r} list")
         by_image = {}
-        for ann in annotations:
-            by_image.setdefault(ann["image_id"], []).append(ann.get("caption", ""))
-        for im in images:
-            self._add(os.path.join(image_dir, im["file_name"]), captions=by_image.get(im["id"], []))
+        for n, ann in enumerate(data["annotations"]):
+            where = f"{annotation_json}: annotations[{n}]"
+            try:
+                image_id, caption = _entry_fields(where, ann, ("image_id", (int, str)), ("caption", str))
+            except ValueError as exc:
+                self._bad(exc, where)
+                continue
+            by_image.setdefault(image_id, []).append(caption)
+        for n, im in enumerate(data["images"]):
+            where = f"{annotation_json}: images[{n}]"
+            try:
+                file_name, image_id = _entry_fields(where, im, ("file_name", str), ("id", (int, str)))
+            except ValueError as exc:
+                self._bad(exc, where)
+                continue
+            self._add(os.path.join(image_dir, file_name), captions=by_image.get(image_id, []))
         self._finish(f"COCO captions {annotation_json}")
+
+
+def _entry_fields(where, entry, *fields):
+    """Values of ``fields`` ((key, allowed types) pairs) in the JSON object ``entry``; ValueError naming
+    ``where`` and the key when ``entry`` is not an object, lacks a key or holds a value of another type."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is not an object: {json.dumps(entry)[:60]}")
+    values = []
+    for key, types in fields:
+        if key not in entry:
+            raise ValueError(f"{where} has no {key!r}")
+        if not isinstance(entry[key], types):
+            expected = "a string" if types is str else "an integer or a string"
+            raise ValueError(f"{where}: {key!r} must be {expected}, got {json.dumps(entry[key])[:60]}")
+        values.append(entry[key])
+    return values
 
 
 def _read_pairs(path):
@@ -221,9 +324,29 @@ def _read_pairs(path):
                 yield parts[0], parts[1]
 
 
-def _find_image(folder, stem):
+def _image_index(folder):
+    """``{stem: {lower-case extension: file name}}`` for the files of ``folder`` with an extension in IMAGE_EXTS
+    (any case; of names differing only in the extension's case, the first in sorted order is kept)."""
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.is_file())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image folder not found: {folder}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot list image folder {folder}: {exc}") from exc
+    index = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTS:
+            index.setdefault(stem, {}).setdefault(ext.lower(), name)
+    return index
+
+
+def _find_image(index, folder, stem):
+    """Path of image ``stem`` in ``folder`` (indexed by ``_image_index``), trying IMAGE_EXTS in order;
+    FileNotFoundError naming the folder, the stem and the extensions tried when none exists."""
+    found = index.get(stem, {})
     for ext in IMAGE_EXTS:
-        p = os.path.join(folder, stem + ext)
-        if os.path.isfile(p):
-            return p
-    return os.path.join(folder, stem + ".jpg")
+        if ext in found:
+            return os.path.join(folder, found[ext])
+    raise FileNotFoundError(f"no image {stem!r} in {folder} (tried the extensions {', '.join(IMAGE_EXTS)}, "
+                            "in any case)")
