@@ -18,9 +18,9 @@ MIN_LEFT=15
 source bench/_stages.sh
 install_carried_wheels
 stage build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
-stage tests 100 python3 -m pytest -q -x --no-header -p no:cacheprovider \
-  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" tests/test_train_graph.py tests/test_group_norm.py \
-  tests/test_lpips.py tests/test_models.py -m gpu
+stage tests 120 python3 -m pytest -q --no-header -p no:cacheprovider \
+  "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" "tests/test_train.py::test_tiny_run_on_gpu_with_cuda_graph" \
+  tests/test_train_graph.py tests/test_group_norm.py tests/test_lpips.py tests/test_models.py -m gpu
 # the fused GroupNorm + SiLU and LPIPS distance against PyTorch's, both memory formats, at the paper shape
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 45 python3 bench/lpips.py

@@ -188,7 +188,9 @@ def test_cuda_graph_step_matches_eager(amp):
         runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, runner))
     (eager, eager_state, _), (graph, graph_state, runner) = runs
     assert runner.captures == 2 and runner.replays == steps - 2 * 2
-    tol = dict(rtol=3e-2, atol=1e-3) if amp else dict(rtol=1e-4, atol=1e-5)
+    # cuDNN may pick different (non-deterministic) algorithms between runs; a stale input or a missed update
+    # differs by far more than this
+    tol = dict(rtol=3e-2, atol=1e-3) if amp else dict(rtol=1e-3, atol=1e-4)
     for step, (a, b) in enumerate(zip(eager, graph)):
         assert a.keys() == b.keys(), step
         for k in a:
