@@ -10,15 +10,7 @@ from lgvq_fast import eval as eval_mod
 from lgvq_fast import train as train_mod
 from lgvq_fast.train_utils import CheckpointIO
 
-# the same tiny model and text encoder as tests/test_train.py (one training step costs milliseconds)
-TINY = [
-    "--text-encoder", "tiny-random", "--batch-size", "4", "--no-progress",
-    "--set", "model.resolution=16", "--set", "model.ch=32", "--set", "model.ch_mult=1,1",
-    "--set", "model.z_channels=8", "--set", "model.embed_dim=8", "--set", "model.codebook_size=24",
-    "--set", "model.mtp_ffn_hidden=16", "--set", "model.max_text_len=12", "--set", "model.disc_ndf=8",
-    "--set", "model.disc_layers=2", "--set", "model.disc_start=2", "--set", "data.train_size=40",
-    "--set", "data.val_size=8", "--set", "train.val_batch=8", "--set", "train.log_every=1",
-]
+from _tiny_run import TINY  # the tiny model of tests/test_train.py (tests/ is on sys.path)
 
 
 @pytest.fixture(autouse=True)

@@ -13,17 +13,9 @@ import torch
 from lgvq_fast import train as train_mod
 from lgvq_fast.train_utils import CheckpointIO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _tiny_run import TINY  # tests/ is on sys.path (pytest's rootdir-relative import)
 
-# A very small model and the tiny random text encoder, so that one step costs milliseconds.
-TINY = [
-    "--text-encoder", "tiny-random", "--batch-size", "4", "--no-progress",
-    "--set", "model.resolution=16", "--set", "model.ch=32", "--set", "model.ch_mult=1,1",
-    "--set", "model.z_channels=8", "--set", "model.embed_dim=8", "--set", "model.codebook_size=24",
-    "--set", "model.mtp_ffn_hidden=16", "--set", "model.max_text_len=12", "--set", "model.disc_ndf=8",
-    "--set", "model.disc_layers=2", "--set", "model.disc_start=2", "--set", "data.train_size=40",
-    "--set", "data.val_size=8", "--set", "train.val_batch=8", "--set", "train.log_every=1",
-]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
