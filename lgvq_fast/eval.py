@@ -263,7 +263,7 @@ def load_checkpoint_model(path, device, text_encoder_name=None):
 
     Raises ``EvalError`` (one line, naming ``path``) when the file cannot be read or its weights do not fit the
     model built from its config with the chosen text encoder."""
-    from lgvq_fast.models import LGVQConfig, TextEncoder, build_model
+    from lgvq_fast.models import LGVQ, LGVQConfig, TextEncoder
 
     state = _read_checkpoint(path)
     cfg = state["config"]
@@ -275,7 +275,8 @@ def load_checkpoint_model(path, device, text_encoder_name=None):
     if text_encoder_name:
         mcfg.text_encoder = text_encoder_name
     text_encoder = TextEncoder.build(mcfg.text_encoder, max_len=mcfg.max_text_len)
-    model, _ = build_model(mcfg, text_encoder)
+    # the model alone: evaluation needs no loss module (discriminator, perceptual net)
+    model = LGVQ(mcfg, text_encoder.input_embeddings if mcfg.use_text_losses else None)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
