@@ -230,6 +230,22 @@ def make_optimizers(model, loss_mod, lr, betas, device, capturable=False):
     return opt_g, opt_d
 
 
+def load_optimizer_state(opt, saved):
+    """``opt.load_state_dict(saved)`` keeping this run's settings: PyTorch restores every hyperparameter of the
+    checkpoint's groups, so a run resumed with another ``--lr`` or ``train.cuda_graph`` would silently train with
+    the old lr, or with an Adam that cannot be captured. The moments and step counts are the checkpoint's; the
+    step counter moves to the parameters' device when the optimizer is fused or capturable, as Adam keeps it."""
+    keep = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, settings in zip(opt.param_groups, keep):
+        group.update(settings)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if on_device and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
 def train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x, text, step, autocast, mcfg):
     """One training step: one generator forward, G update, then D on that forward's detached x_rec.
 
@@ -293,8 +309,8 @@ def train(cfg):
         try:
             raw_model.load_state_dict(state["model"])
             raw_disc.load_state_dict(state["discriminator"])
-            opt_g.load_state_dict(state["opt_g"])
-            opt_d.load_state_dict(state["opt_d"])
+            for opt, key in ((opt_g, "opt_g"), (opt_d, "opt_d")):
+                load_optimizer_state(opt, state[key])
         except (RuntimeError, ValueError, KeyError) as e:
             changed = config_changes(state.get("config"), config_to_dict(cfg), sections=("model",))
             why = f"its model settings differ: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
@@ -323,6 +339,7 @@ def train(cfg):
                 dist.barrier()
                 dist.destroy_process_group()
             return {"step": step, "nothing_to_train": True, "rank": rank}
+    start_step = step
     if world > 1:
         dist.barrier()  # every rank has read its checkpoint before rank 0 moves any aside
     if is_main:
@@ -490,6 +507,9 @@ def train(cfg):
     summary = {"step": step, "val_psnr_start": psnr_start, "val_psnr_end": psnr_end,
                "codebook_usage_total": float((usage > 0).float().mean()), "wall_s": time.perf_counter() - t0,
                "stopped_by_signal": stop.stop, "rank": rank, "model_sha256": state_sha256(raw_model.state_dict())}
+    if graphed is not None:
+        summary["cuda_graph"] = {"captures": graphed.captures, "replays": graphed.replays}
+        print0(f"cuda graph: {graphed.captures} capture(s), {graphed.replays} of {step - start_step} steps replayed")
     metrics.write({"summary": summary})
     print0(f"val PSNR: {psnr_start:.2f} dB at start -> {psnr_end:.2f} dB at step {step}; "
            f"codebook usage {summary['codebook_usage_total']:.2f}; total {summary['wall_s']:.1f}s")

@@ -33,7 +33,7 @@ class GraphedTrainStep:
     ``out, logs = graphed(x, text, step)``."""
 
     def __init__(self, model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, autocast, mcfg,
-                 warmup=3):
+                 warmup=3, capture_error_mode="thread_local"):
         device = next(raw_model.parameters()).device
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"train.cuda_graph needs the model on a CUDA device, it is on {device}")
@@ -61,6 +61,10 @@ class GraphedTrainStep:
                              "cache may not outlive a captured region)")
         self.args = (model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder)
         self.autocast, self.mcfg, self.warmup, self.device = autocast, mcfg, int(warmup), device
+        # "thread_local" (default): a DataLoader pin-memory thread allocating pinned memory during the capture
+        # must neither fail nor invalidate it (the autograd thread's kernels on the capture stream are recorded
+        # either way); "global" also polices the other threads, for tests without a DataLoader
+        self.capture_error_mode = capture_error_mode
         self.stream = torch.cuda.Stream(device)
         self.phase = None  # disc_active of the captured (or warming) phase
         self.eager_steps = 0  # eager steps run in the current phase
@@ -105,9 +109,7 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        # thread_local: a DataLoader pin-memory thread allocating pinned memory meanwhile must neither fail nor
-        # invalidate the capture (the autograd thread's kernels on the capture stream are still recorded)
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode=self.capture_error_mode):
             outputs = self._step(static_x, static_text, step)
         current.wait_stream(self.stream)
         self.graph, self.static, self.outputs = graph, (static_x, static_text), outputs
@@ -119,7 +121,8 @@ class GraphedTrainStep:
             raise ValueError(f"GraphedTrainStep: x is on {x.device}, the model on {self.device}")
         if text is not None and self.mcfg.use_text_losses:
             if text.predict_weight() is None:
-                # the masked-position count varies per batch: pad its index (on the host, before the copy)
+                # the masked-position count varies per batch: pad its index (on the host, before the copy; a
+                # pinned batch, as the trainer's DataLoader gives, stays pinned so the copies stay asynchronous)
                 text = text.fixed_size()
         else:
             text = None

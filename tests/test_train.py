@@ -423,19 +423,41 @@ def test_tiny_run_on_gpu_with_bf16_autocast(tmp_path):
 
 @pytest.mark.gpu
 def test_tiny_run_on_gpu_with_cuda_graph(tmp_path):
-    """train.cuda_graph in the trainer: warm-up, capture after disc_start, replays; checkpoint and resume."""
+    """train.cuda_graph in the trainer (pinned DataLoader batches from worker processes): warm-up, a capture after
+    disc_start, replays; resuming an eager run's checkpoint with the graph on, and a graph run's with it on."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     out = tmp_path / "graph"
-    common = ["--device", "cuda", "--set", "train.cuda_graph=true", "--set", "train.channels_last=true",
-              "--set", "model.quantizer_kwargs={}", "--num-workers", "2"]
-    summary = _run(out, "--steps", "9", *common)
-    assert summary["step"] == 9 and summary["val_psnr_end"] == summary["val_psnr_end"]
+    common = ["--device", "cuda", "--set", "train.channels_last=true", "--set", "model.quantizer_kwargs={}",
+              "--num-workers", "2"]
+    assert _run(out, "--steps", "4", *common)["step"] == 4  # eager: fused Adam that is not capturable
+    summary = _run(out, "--steps", "12", "--resume", "auto", "--set", "train.cuda_graph=true", *common)
+    # steps 4-6 warm up, step 7 is captured and replayed, then 8-11 replayed
+    assert summary["step"] == 12 and summary["cuda_graph"] == {"captures": 1, "replays": 5}
     rows = [r for r in _rows(out) if "total" in r]
-    assert len(rows) == 9 and all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
+    assert len(rows) == 12 and all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
     assert all("d_loss" in r for r in rows[2:])  # the captured phase trains the discriminator
-    summary = _run(out, "--steps", "12", "--resume", "auto", *common)
-    assert summary["step"] == 12
+    summary = _run(out, "--steps", "16", "--resume", "auto", "--set", "train.cuda_graph=true", *common)
+    assert summary["step"] == 16 and summary["cuda_graph"] == {"captures": 1, "replays": 1}
+    state = CheckpointIO.load(CheckpointIO(str(out)).latest())
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_keeps_this_runs_optimizer_settings():
+    """load_state_dict would restore the checkpoint's lr / capturable / fused; the run's own settings stay."""
+    from lgvq_fast.train import load_optimizer_state
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    old = torch.optim.Adam(params, lr=1e-3)
+    params[0].grad = torch.randn(3)
+    old.step()
+    new = torch.optim.Adam(params, lr=5e-4, capturable=True)
+    load_optimizer_state(new, old.state_dict())
+    group = new.param_groups[0]
+    assert group["lr"] == 5e-4 and group["capturable"] is True
+    st = new.state[params[0]]
+    assert st["step"].dtype == torch.float32 and float(st["step"]) == 1.0
+    assert torch.equal(st["exp_avg"], old.state[params[0]]["exp_avg"])
 
 
 def test_make_optimizers_fuses_adam_on_cuda_only():

@@ -170,8 +170,9 @@ def test_cuda_graph_step_matches_eager(amp):
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False)
 
-        runner = GraphedTrainStep(model, model, loss_mod, swap, opt_g, opt_d, te, autocast, cfg, warmup=2) \
-            if graphed else None
+        # "global": no DataLoader thread here, so police every thread's CUDA calls during the capture
+        runner = GraphedTrainStep(model, model, loss_mod, swap, opt_g, opt_d, te, autocast, cfg, warmup=2,
+                                  capture_error_mode="global") if graphed else None
         losses = []
         for step in range(steps):
             gen = torch.Generator().manual_seed(100 + step)

@@ -64,6 +64,14 @@ class TextBatch:
             _predict_weight=weight,
         )
 
+    def pin_memory(self) -> "TextBatch":
+        """The batch in page-locked host memory (the DataLoader calls this with ``pin_memory=True``), so its copies
+        to the GPU are asynchronous; a pageable copy may wait for the stream's earlier work."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return TextBatch(input_ids=pin(self.input_ids), pad_mask=pin(self.pad_mask), mlm_mask=pin(self.mlm_mask),
+                         mask_ratio=self.mask_ratio, _predict_index=pin(self._predict_index),
+                         _predict_weight=pin(self._predict_weight))
+
     def predict_index(self) -> torch.Tensor:
         """int64 ``[M]``: flat (``b * L + l``) indices of the masked real tokens, in increasing order (``[B * L]``
         after ``fixed_size()``, see ``predict_weight``)."""
@@ -88,6 +96,8 @@ class TextBatch:
         padded = torch.cat([index, fill.expand(total - m)])
         weight = torch.zeros(total, dtype=torch.float32, device=index.device)
         weight[:m] = 1.0
+        if self.input_ids.is_pinned():  # stay page-locked like the rest of the batch
+            padded, weight = padded.pin_memory(), weight.pin_memory()
         return TextBatch(input_ids=self.input_ids, pad_mask=self.pad_mask, mlm_mask=self.mlm_mask,
                          mask_ratio=self.mask_ratio, _predict_index=padded, _predict_weight=weight)
 
