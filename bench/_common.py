@@ -12,6 +12,19 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def parse_shape(parser, text, pattern):
+    """``"64x30x256"`` -> (64, 30, 256) for a ``pattern`` such as ``"BxLxT"``: positive integers, as many as the
+    pattern names; anything else is an argparse usage error naming the option."""
+    parts = text.lower().split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != len(pattern.split("x")) or min(dims) < 1:
+        parser.error(f"--shape must be {pattern} with positive integers, got {text!r}")
+    return dims
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":

@@ -83,14 +83,17 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     for r in data.get("rows", []):
         if "variant" in r:  # train_step: one shape for the file, images/s in the mismatch column's place
             sh = data.get("shape", {})
+            vs = ("" if "speedup_vs_official_style" not in r else
+                  f"{r['speedup_vs_official_style']}x vs official-style, {r.get('speedup_vs_reference')}x vs reference")
             rows.append((data.get("benchmark", "?"), f"b{sh.get('batch')} {sh.get('resolution')}px K{sh.get('codebook_size')}",
-                         r["variant"], str(r.get("ms", "")), f"{r.get('images_per_s')} img/s",
-                         str(r.get("speedup_vs_reference", "baseline"))))
+                         r["variant"], str(r.get("ms", r.get("error", "")))[:60], f"{r.get('images_per_s')} img/s", vs))
             continue
         impl = str(r.get("impl", ""))
-        speedup = r.get("speedup", r.get("x_vs_native", r.get("x_vs_vectorised", "")))
+        speedup = r.get("speedup", r.get("x_vs_native", r.get("x_vs_vectorised", r.get("speedup_vs_onehot", ""))))
         if "cuda" in impl or "triton" in impl or "baseline" in str(speedup):
             shape = " ".join(str(r.get(k, "")) for k in ("shape", "layout") if k in r)
+            if not shape and isinstance(data.get("shape"), dict):  # one shape for the whole file (ema, relation)
+                shape = "x".join(str(v) for v in data["shape"].values())
             rows.append((data.get("benchmark", "?"), shape, impl, str(r.get("ms", r.get("fwd_bwd_ms", ""))),
                          str(r.get("mismatch_pct", "")), str(speedup)))
     device = data.get("device", "?")

@@ -23,7 +23,7 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import (device_name, judge_against_native, print_table, time_ms,  # noqa: E402
+from bench._common import (device_name, judge_against_native, parse_shape, print_table, time_ms,  # noqa: E402
                            write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import lpips_distance  # noqa: E402
@@ -98,7 +98,7 @@ def main():
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shape] if args.shape
+    shapes = ([parse_shape(parser, s, "NxCxHxW") for s in args.shape] if args.shape
               else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     for s in shapes:
         if len(s) != 4 or min(s) < 1:

@@ -23,7 +23,7 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import device_name, print_table, time_ms, write_results  # noqa: E402
+from bench._common import device_name, parse_shape, print_table, time_ms, write_results  # noqa: E402
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import relation_loss  # noqa: E402
 from lgvq_fast.reference import relation as ref  # noqa: E402
@@ -67,7 +67,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
-    B, L, T, C = tuple(int(x) for x in args.shape.lower().split("x")) if args.shape else default
+    B, L, T, C = parse_shape(parser, args.shape, "BxLxTxC") if args.shape else default
     torch.manual_seed(0)
     text = torch.randn(B, L, C, device=device)
     vision = torch.randn(B, T, C, device=device)
@@ -105,11 +105,17 @@ def main():
     loss_tol = max(4 * base_loss_err, 16 * F32_EPS * float(want_loss.abs()))
     grad_tol = max(4 * base_grad_err, 16 * F32_EPS * float(want_grad.abs().max()))
     by_name = {r["impl"]: r for r in rows}
+    interpreted = _backend.triton_interpret() and device.type != "cuda"
     for row in rows:
         ok = errs[row["impl"]][0] <= loss_tol and errs[row["impl"]][1] <= grad_tol
         row["ok"] = ok
         for key, base in (("x_vs_vectorised", "reference vectorised"), ("x_vs_loop", "reference word loop")):
-            row[key] = f"{by_name[base]['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x" if ok else "n/a (wrong)"
+            if not ok:
+                row[key] = "n/a (wrong)"
+            elif interpreted and row["impl"].startswith("triton"):
+                row[key] = "n/a (interpreter)"
+            else:
+                row[key] = f"{by_name[base]['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x"
     for name, why in skipped:
         rows.append({"impl": name, "fwd_ms": "skipped", "x_vs_vectorised": why})
     print(f"relation_loss  B={B} L={L} T={T} C={C}  on {device_name(device)}  "
@@ -117,6 +123,10 @@ def main():
     print_table(rows, [("impl", "impl"), ("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("loss_err", "loss err"),
                        ("grad_err", "grad err"), ("x_vs_vectorised", "speed-up vs vectorised"),
                        ("x_vs_loop", "vs word loop")])
+    if interpreted:
+        print("TRITON_INTERPRET=1: a correctness check only (the Triton rows ran in the CPU interpreter); "
+              "no results written")
+        return
     path = write_results("relation", device, rows, extra={"shape": {"B": B, "L": L, "T": T, "C": C}})
     print(f"wrote {path}")
 

@@ -243,7 +243,8 @@ def _check_common(name, commitment_weight, precision, impl):
 
 
 def _check_indices(name, indices, K):
-    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+    if (not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex()
+            or indices.dtype == torch.bool):  # a bool tensor would index as a mask
         got = getattr(indices, "dtype", type(indices))
         raise ValueError(f"{name}: indices must be an integer tensor, got {got}")
     if indices.numel():

@@ -738,3 +738,40 @@ def test_text_encoder_4d_attention_mask_matches_transformers_2d(impl):
                        token_type_ids=torch.zeros_like(batch.input_ids)).last_hidden_state
     real = batch.pad_mask[..., None]
     torch.testing.assert_close(tok * real, ref * real, rtol=1e-5, atol=1e-6)
+
+
+def test_model_inputs_are_checked_with_clear_errors(tiny_text):
+    """Bad images, indices, text and text features are ValueErrors/TypeErrors naming the problem, not errors from
+    deep inside a convolution (and not a silent crop of the image)."""
+    cfg = _small_cfg()
+    model, _ = build_model(cfg, tiny_text)
+    model.eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match="divisible by the downsampling factor 4"):
+        model(torch.rand(2, 3, 18, 16))
+    for bad, what in ((x.bfloat16(), "bfloat16"), (x.double(), "float64"), ((x * 100).long(), "int64")):
+        with pytest.raises(ValueError, match=f"images must be float32 .* got {what}"):
+            model(bad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x.bfloat16())["x_rec"].shape == x.shape  # under autocast a bf16 batch is fine
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\], got \(2, 1, 16, 16\)"):
+        model.encode(torch.rand(2, 1, 16, 16))
+    quant, idx = model.encode(x)
+    assert model.decode_indices(idx).shape == x.shape
+    with pytest.raises(ValueError, match=r"indices must be \[B, h, w\]"):
+        model.decode_indices(idx[0])
+    with pytest.raises(ValueError, match="indices must be an integer tensor"):
+        model.quantizer.get_codes_from_indices(torch.ones(4, dtype=torch.bool))
+    text = tiny_text.tokenize(["a red circle", "two blue squares"], cfg.max_text_len)
+    feats = tiny_text.encode(text)
+    with pytest.raises(TypeError, match="text must be a TextBatch"):
+        model(x, ["a red circle", "two blue squares"], feats)
+    narrow = (feats[0][..., :40], feats[1][..., :40])
+    with pytest.raises(ValueError, match="width 40, the model was built for the text encoder's width 48"):
+        model(x, text, narrow)
+    with pytest.raises(TypeError, match="encode takes a TextBatch"):
+        tiny_text.encode(["a red circle"])
+    with pytest.raises(ValueError, match="max_len must be an integer >= 3"):
+        tiny_text.tokenize(["a red circle"], max_len=1)
+    with pytest.raises(ValueError, match=r"unknown LGVQConfig field\(s\) \['nonexistent'\]"):
+        preset("tiny-cpu", nonexistent=3)

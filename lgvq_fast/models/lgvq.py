@@ -132,6 +132,9 @@ PRESETS = {
 def preset(name: str, **overrides) -> LGVQConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(LGVQConfig)})
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown LGVQConfig field(s) {unknown}")
     return replace(PRESETS[name](), **overrides)
 
 
@@ -210,8 +213,26 @@ class LGVQ(nn.Module):
             quant, indices, q_loss = self.quantizer(z.permute(0, 2, 3, 1))
         return quant, indices, q_loss
 
+    def _check_images(self, images):
+        """[B, in_channels, H, W] floating images, H and W divisible by the downsampling factor, in the weights'
+        dtype unless autocast is on: ValueError naming what is wrong (not an error from deep inside a conv)."""
+        c = self.cfg.in_channels
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != c:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be [B, {c}, H, W], got {got}")
+        f = self.cfg.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"images of {images.shape[2]}x{images.shape[3]} pixels: height and width must be "
+                             f"divisible by the downsampling factor {f} (len(ch_mult) = {len(self.cfg.ch_mult)})")
+        dtype = self.encoder.conv_in.weight.dtype
+        if not images.is_floating_point() or (images.dtype != dtype
+                                              and not torch.is_autocast_enabled(images.device.type)):
+            raise ValueError(f"images must be {str(dtype).replace('torch.', '')} like the model's weights (or run "
+                             f"under torch.autocast), got {str(images.dtype).replace('torch.', '')}")
+
     def encode(self, images):
         """images [B, 3, H, W] → (quant [B, D, h, w], indices [B, h, w])."""
+        self._check_images(images)
         quant, indices, _ = self._quantize(images)
         return quant.permute(0, 3, 1, 2), indices
 
@@ -220,12 +241,15 @@ class LGVQ(nn.Module):
             return self.decoder(self.post_quant_conv(quant))
 
     def decode_indices(self, indices):
+        """indices [B, h, w] (as ``encode`` returns them) → images [B, 3, H, W]."""
+        if not isinstance(indices, torch.Tensor) or indices.ndim != 3:
+            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise ValueError(f"decode_indices: indices must be [B, h, w] code indices, got {got}")
         codes = self.quantizer.get_codes_from_indices(indices)  # [B, h, w, D]
         return self.decode(codes.permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype))
 
     def forward(self, images, text=None, text_feats=None):
-        if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"images must be [B, {self.cfg.in_channels}, H, W], got {tuple(images.shape)}")
+        self._check_images(images)
         with precast_weights(self._precast_modules(), images.device.type):
             return self._forward(images, text, text_feats)
 
@@ -248,8 +272,16 @@ class LGVQ(nn.Module):
     def _text_losses(self, vt_out, tokens, text, text_feats):
         if text_feats is None:
             raise ValueError("text_feats is required with text: pass text_encoder.encode(text, cfg.mask_input)")
+        if not hasattr(text, "input_ids") or not hasattr(text, "to"):
+            raise TypeError(f"text must be a TextBatch (TextEncoder.tokenize(captions)), got {type(text).__name__}")
         token_feats, global_feat = text_feats[0], text_feats[1]
         token_feats_full = getattr(text_feats, "token_feats_full", token_feats)
+        width = self.sam.c_text
+        for name, t in (("token features", token_feats), ("global feature", global_feat),
+                        ("full token features", token_feats_full)):
+            if t.shape[-1] != width:
+                raise ValueError(f"text_feats: {name} have width {t.shape[-1]}, the model was built for the text "
+                                 f"encoder's width {width} (same encoder as at build time?)")
         dev = vt_out.device
         text = text.to(dev)
         token_feats, global_feat, token_feats_full = (t.to(dev) for t in (token_feats, global_feat, token_feats_full))

@@ -249,6 +249,8 @@ class TextEncoder(nn.Module):
         if isinstance(captions, str) or len(captions) == 0:
             raise ValueError("captions must be a non-empty list of strings")
         max_len = self.max_len if max_len is None else max_len
+        if not isinstance(max_len, int) or max_len < 3:
+            raise ValueError(f"max_len must be an integer >= 3 (start and end tokens and one word), got {max_len!r}")
         enc = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_len,
                              return_tensors="pt", return_special_tokens_mask=True)
         ids = enc["input_ids"].long()
@@ -303,6 +305,8 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, batch: TextBatch, mask_input: bool = True) -> TextFeatures:
+        if not isinstance(batch, TextBatch):
+            raise TypeError(f"encode takes a TextBatch (tokenize(captions) first), got {type(batch).__name__}")
         device = self.model.get_input_embeddings().weight.device
         if batch.input_ids.device != device:
             batch = batch.to(device)
