@@ -132,6 +132,41 @@ def write_results(name, device, rows, extra=None, out_dir=None):
     return paths[0]
 
 
+def time_fwd_and_bwd(run, inp, leaf, grad, device):
+    """Median ms of ``run(inp)`` without autograd, and of ``run(leaf).backward(grad)`` (``leaf.grad`` reset each
+    time): the forward and forward+backward columns of the op benches."""
+    def fwd():
+        with torch.no_grad():
+            run(inp)
+
+    def fwd_bwd():
+        leaf.grad = None
+        run(leaf).backward(grad)
+
+    return time_ms(fwd, device)[0], time_ms(fwd_bwd, device)[0]
+
+
+def speedup_cell(ok, impl, device, base_ms, ms):
+    """A speed-up column's text: none for a wrong result, none for Triton timed off a GPU (the interpreter)."""
+    if not ok:
+        return "n/a (wrong)"
+    if impl.startswith("triton") and torch.device(device).type != "cuda":
+        return "n/a (interpreter)"
+    return f"{base_ms / ms:.2f}x"
+
+
+def interpreted_run(device):
+    """True (after saying so) when the Triton rows ran in the CPU interpreter: their times mean nothing, so the
+    bench is a correctness check and writes no results."""
+    from lgvq_fast._backend import triton_interpret
+
+    if torch.device(device).type == "cuda" or not triton_interpret():
+        return False
+    print("TRITON_INTERPRET=1: a correctness check only (the Triton rows ran in the CPU interpreter); "
+          "no results written")
+    return True
+
+
 def judge_against_native(rows, errs, tols, device, skipped=(), **fields):
     """For benches whose first row is PyTorch's formulation ("native"): mark each row ``ok`` when every error in
     ``errs[impl]`` is within the matching tolerance in ``tols``, and give its fwd+bwd speed-up over the first
@@ -139,14 +174,8 @@ def judge_against_native(rows, errs, tols, device, skipped=(), **fields):
     ``(impl, why)`` in ``skipped``, carrying ``fields``. Returns ``rows``."""
     base = rows[0]["fwd_bwd_ms"]
     for row in rows:
-        ok = all(e <= t for e, t in zip(errs[row["impl"]], tols))
-        row["ok"] = ok
-        if not ok:
-            row["x_vs_native"] = "n/a (wrong)"
-        elif row["impl"] == "triton" and torch.device(device).type != "cuda":
-            row["x_vs_native"] = "n/a (interpreter)"
-        else:
-            row["x_vs_native"] = f"{base / row['fwd_bwd_ms']:.2f}x"
+        row["ok"] = all(e <= t for e, t in zip(errs[row["impl"]], tols))
+        row["x_vs_native"] = speedup_cell(row["ok"], row["impl"], device, base, row["fwd_bwd_ms"])
     for name, why in skipped:
         rows.append({**fields, "impl": name, "fwd_ms": "skipped", "x_vs_native": why})
     return rows

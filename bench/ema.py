@@ -23,7 +23,8 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import device_name, parse_shape, print_table, time_ms, write_results  # noqa: E402
+from bench._common import (device_name, interpreted_run, parse_shape, print_table, speedup_cell,  # noqa: E402
+                           time_ms, write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import ema_update_  # noqa: E402
 from lgvq_fast.reference import ema as ref  # noqa: E402
@@ -81,24 +82,15 @@ def main():
         rows.append({"impl": name, "ms": round(ms, 4), "GB/s": gbps, "max_abs_err": f"{errors[name]:.2e}"})
     tol = max(4 * errors["reference index_add"], 16 * torch.finfo(torch.float32).eps * scale)
     base = rows[0]["ms"]
-    interpreted = _backend.triton_interpret() and device.type != "cuda"
     for row in rows:
-        ok = errors[row["impl"]] <= tol
-        row["ok"] = ok
-        if not ok:
-            row["speedup_vs_onehot"] = "n/a (wrong)"
-        elif interpreted and row["impl"].startswith("triton"):
-            row["speedup_vs_onehot"] = "n/a (interpreter)"
-        else:
-            row["speedup_vs_onehot"] = f"{base / row['ms']:.2f}x"
+        row["ok"] = errors[row["impl"]] <= tol
+        row["speedup_vs_onehot"] = speedup_cell(row["ok"], row["impl"], device, base, row["ms"])
     for name, why in skipped:
         rows.append({"impl": name, "ms": "skipped", "speedup_vs_onehot": why})
     print(f"ema_update_  N={N} K={K} D={D}  on {device_name(device)}  (tolerance {tol:.2e})")
     print_table(rows, [("impl", "impl"), ("ms", "ms"), ("GB/s", "GB/s"), ("max_abs_err", "max |err| vs fp64"),
                        ("speedup_vs_onehot", "speed-up vs one-hot")])
-    if interpreted:
-        print("TRITON_INTERPRET=1: a correctness check only (the Triton rows ran in the CPU interpreter); "
-              "no results written")
+    if interpreted_run(device):
         return
     path = write_results("ema", device, rows, extra={"shape": {"N": N, "K": K, "D": D}, "tolerance": tol})
     print(f"wrote {path}")

@@ -24,8 +24,8 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench._common import (device_name, judge_against_native, parse_shape, print_table, time_ms,  # noqa: E402
-                           write_results)
+from bench._common import (device_name, interpreted_run, judge_against_native, parse_shape, print_table,  # noqa: E402
+                           time_fwd_and_bwd, write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import group_norm  # noqa: E402
 from lgvq_fast.reference import group_norm as ref  # noqa: E402
@@ -77,16 +77,7 @@ def bench_shape(shape, layout, dtype, device):
         errs[name] = (float((y.double() - y64).abs().max()), float((leaf.grad.double() - dx64).abs().max()))
         del y
 
-        def fwd():
-            with torch.no_grad():
-                fn(x, w, b)
-
-        def fwd_bwd():
-            leaf.grad = None
-            fn(leaf, w, b).backward(dy)
-
-        fwd_ms, _, _ = time_ms(fwd, device)
-        both_ms, _, _ = time_ms(fwd_bwd, device)
+        fwd_ms, both_ms = time_fwd_and_bwd(lambda t: fn(t, w, b), x, leaf, dy, device)
         gbps = 2 * x.numel() * x.element_size() / (fwd_ms * 1e-3) / 1e9
         rows.append({"shape": "x".join(map(str, shape)), "layout": layout, "impl": name,
                      "fwd_ms": round(fwd_ms, 4), "fwd_bwd_ms": round(both_ms, 4), "fwd_GBps": round(gbps, 1),
@@ -108,7 +99,7 @@ def main():
     shapes = ([parse_shape(parser, s, "NxCxHxW") for s in args.shape] if args.shape
               else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     for s in shapes:
-        if len(s) != 4 or s[1] % GROUPS:
+        if s[1] % GROUPS:
             parser.error(f"--shape must be NxCxHxW with C divisible by {GROUPS}, got {'x'.join(map(str, s))}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
@@ -120,8 +111,7 @@ def main():
     print_table(rows, [("shape", "shape"), ("layout", "layout"), ("impl", "impl"), ("fwd_ms", "fwd ms"),
                        ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_GBps", "fwd GB/s"), ("y_err", "y err"),
                        ("dx_err", "dx err"), ("x_vs_native", "speed-up vs native")])
-    if _backend.triton_interpret() and device.type != "cuda":
-        print("TRITON_INTERPRET=1: a correctness check only; no results written")
+    if interpreted_run(device):
         return
     path = write_results("group_norm", device, rows, extra={"dtype": str(dtype), "groups": GROUPS})
     print(f"wrote {path}")

@@ -23,8 +23,8 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import (device_name, judge_against_native, parse_shape, print_table, time_ms,  # noqa: E402
-                           write_results)
+from bench._common import (device_name, interpreted_run, judge_against_native, parse_shape, print_table,  # noqa: E402
+                           time_fwd_and_bwd, write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import lpips_distance  # noqa: E402
 from lgvq_fast.reference import lpips as ref  # noqa: E402
@@ -72,16 +72,7 @@ def bench_shape(shape, layout, dtype, device):
         d.backward(g)
         errs[name] = (float((d.detach().double() - d64).abs().max()), float((leaf.grad.double() - df64).abs().max()))
 
-        def fwd():
-            with torch.no_grad():
-                fn(fx, fy, w)
-
-        def fwd_bwd():
-            leaf.grad = None
-            fn(fx, leaf, w).backward(g)
-
-        fwd_ms, _, _ = time_ms(fwd, device)
-        both_ms, _, _ = time_ms(fwd_bwd, device)
+        fwd_ms, both_ms = time_fwd_and_bwd(lambda t: fn(fx, t, w), fy, leaf, g, device)
         rows.append({"shape": "x".join(map(str, shape)), "layout": layout, "impl": name, "fwd_ms": round(fwd_ms, 4),
                      "fwd_bwd_ms": round(both_ms, 4), "d_err": f"{errs[name][0]:.2e}",
                      "df_err": f"{errs[name][1]:.2e}"})
@@ -100,9 +91,6 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = ([parse_shape(parser, s, "NxCxHxW") for s in args.shape] if args.shape
               else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    for s in shapes:
-        if len(s) != 4 or min(s) < 1:
-            parser.error(f"--shape must be NxCxHxW with positive sizes, got {'x'.join(map(str, s))}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     rows = []
@@ -113,8 +101,7 @@ def main():
     print_table(rows, [("shape", "shape"), ("layout", "layout"), ("impl", "impl"), ("fwd_ms", "fwd ms"),
                        ("fwd_bwd_ms", "fwd+bwd ms"), ("d_err", "dist err"), ("df_err", "grad err"),
                        ("x_vs_native", "speed-up vs native")])
-    if _backend.triton_interpret() and device.type != "cuda":
-        print("TRITON_INTERPRET=1: a correctness check only; no results written")
+    if interpreted_run(device):
         return
     path = write_results("lpips", device, rows, extra={"dtype": str(dtype)})
     print(f"wrote {path}")

@@ -23,7 +23,8 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from bench._common import device_name, parse_shape, print_table, time_ms, write_results  # noqa: E402
+from bench._common import (device_name, interpreted_run, parse_shape, print_table, speedup_cell,  # noqa: E402
+                           time_fwd_and_bwd, write_results)
 from lgvq_fast import _backend  # noqa: E402
 from lgvq_fast.ops import relation_loss  # noqa: E402
 from lgvq_fast.reference import relation as ref  # noqa: E402
@@ -89,33 +90,17 @@ def main():
         loss_err = float((loss.detach().double() - want_loss).abs())
         errs[name] = (loss_err, float((leaf.grad.double() - want_grad).abs().max()))
 
-        def fwd():
-            with torch.no_grad():
-                fn(text, vision, codes, pad)
-
-        def fwd_bwd():
-            leaf.grad = None
-            fn(text, vision, leaf, pad).backward()
-
-        fwd_ms, _, _ = time_ms(fwd, device)
-        both_ms, _, _ = time_ms(fwd_bwd, device)
+        fwd_ms, both_ms = time_fwd_and_bwd(lambda c: fn(text, vision, c, pad), codes, leaf, None, device)
         rows.append({"impl": name, "fwd_ms": round(fwd_ms, 4), "fwd_bwd_ms": round(both_ms, 4),
                      "loss_err": f"{errs[name][0]:.2e}", "grad_err": f"{errs[name][1]:.2e}"})
     base_loss_err, base_grad_err = errs["reference vectorised"]
     loss_tol = max(4 * base_loss_err, 16 * F32_EPS * float(want_loss.abs()))
     grad_tol = max(4 * base_grad_err, 16 * F32_EPS * float(want_grad.abs().max()))
     by_name = {r["impl"]: r for r in rows}
-    interpreted = _backend.triton_interpret() and device.type != "cuda"
     for row in rows:
-        ok = errs[row["impl"]][0] <= loss_tol and errs[row["impl"]][1] <= grad_tol
-        row["ok"] = ok
+        row["ok"] = errs[row["impl"]][0] <= loss_tol and errs[row["impl"]][1] <= grad_tol
         for key, base in (("x_vs_vectorised", "reference vectorised"), ("x_vs_loop", "reference word loop")):
-            if not ok:
-                row[key] = "n/a (wrong)"
-            elif interpreted and row["impl"].startswith("triton"):
-                row[key] = "n/a (interpreter)"
-            else:
-                row[key] = f"{by_name[base]['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x"
+            row[key] = speedup_cell(row["ok"], row["impl"], device, by_name[base]["fwd_bwd_ms"], row["fwd_bwd_ms"])
     for name, why in skipped:
         rows.append({"impl": name, "fwd_ms": "skipped", "x_vs_vectorised": why})
     print(f"relation_loss  B={B} L={L} T={T} C={C}  on {device_name(device)}  "
@@ -123,9 +108,7 @@ def main():
     print_table(rows, [("impl", "impl"), ("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("loss_err", "loss err"),
                        ("grad_err", "grad err"), ("x_vs_vectorised", "speed-up vs vectorised"),
                        ("x_vs_loop", "vs word loop")])
-    if interpreted:
-        print("TRITON_INTERPRET=1: a correctness check only (the Triton rows ran in the CPU interpreter); "
-              "no results written")
+    if interpreted_run(device):
         return
     path = write_results("relation", device, rows, extra={"shape": {"B": B, "L": L, "T": T, "C": C}})
     print(f"wrote {path}")

@@ -230,14 +230,8 @@ def _read_checkpoint(path):
         state = CheckpointIO.load(path, "cpu")
     except FileNotFoundError:
         raise
-    except Exception as exc:
-        reason = _one_line(exc)
-        prefix = f"cannot read checkpoint {path}: "
-        if reason.startswith(prefix):  # CheckpointIO.load may already name the file
-            reason = reason[len(prefix):]
-        elif not isinstance(exc, ValueError) or path not in reason:
-            reason = f"{type(exc).__name__}: {reason}"
-        raise EvalError(f"{prefix}{reason}") from exc
+    except ValueError as exc:  # "cannot read checkpoint <path>: ..." (unreadable, or not a training checkpoint)
+        raise EvalError(_one_line(exc)) from exc
     cfg = state.get("config") if isinstance(state, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(cfg, dict) \
             or not all(isinstance(cfg.get(k), dict) for k in ("model", "data", "train")):

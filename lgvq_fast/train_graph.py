@@ -98,12 +98,7 @@ class GraphedTrainStep:
         static_x = x.clone()
         static_text = None
         if text is not None:
-            static_text = text.to(self.device)
-            static_text = type(static_text)(
-                input_ids=static_text.input_ids.clone(), pad_mask=static_text.pad_mask.clone(),
-                mlm_mask=static_text.mlm_mask.clone(), mask_ratio=static_text.mask_ratio,
-                _predict_index=static_text.predict_index().clone(),
-                _predict_weight=static_text.predict_weight().clone())
+            static_text = text.to(self.device).apply(torch.clone)
         # drop the previous phase's graph (and its memory pool) before recording the next one
         self.graph = self.static = self.outputs = None
         graph = torch.cuda.CUDAGraph()

@@ -27,11 +27,10 @@ def run_cli(main, prog, argv=None):
     whose messages name the culprit -- is printed as one ``<prog>: error:`` line with exit status 2 instead of a
     traceback; set ``LGVQ_TRACEBACK=1`` to see the traceback. Every other exception propagates unchanged."""
     from lgvq_fast._backend import env_flag
-    from lgvq_fast.train_config import ConfigError
 
     try:
         return main(argv)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
         if env_flag("LGVQ_TRACEBACK"):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
@@ -149,7 +148,8 @@ class CheckpointIO:
         except Exception as e:  # truncated or foreign file: name it
             raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
         if not isinstance(state, dict) or "model" not in state or "step" not in state:
-            raise ValueError(f"{path} is not a lgvq_fast training checkpoint (no 'model' and 'step' entries)")
+            raise ValueError(f"cannot read checkpoint {path}: not a lgvq_fast training checkpoint (no 'model' and "
+                             "'step' entries)")
         return state
 
 

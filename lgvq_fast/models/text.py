@@ -46,31 +46,22 @@ class TextBatch:
     # [B * L] weights them 1 and the filler entries 0 (shapes that do not depend on M, for CUDA graphs).
     _predict_weight: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def apply(self, fn) -> "TextBatch":
+        """The batch with ``fn`` applied to each of its tensors (the predict index and weight too, when set)."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return TextBatch(input_ids=fn(self.input_ids), pad_mask=fn(self.pad_mask), mlm_mask=fn(self.mlm_mask),
+                         mask_ratio=self.mask_ratio, _predict_index=opt(self._predict_index),
+                         _predict_weight=opt(self._predict_weight))
+
     def to(self, device, non_blocking: bool = False) -> "TextBatch":
-        index, weight = self._predict_index, self._predict_weight
-        if torch.device(device) != self.mlm_mask.device:
-            if self.mlm_mask.device.type == "cpu":
-                index = self.predict_index().to(device, non_blocking=non_blocking)
-            elif index is not None:
-                index = index.to(device, non_blocking=non_blocking)
-            if weight is not None:
-                weight = weight.to(device, non_blocking=non_blocking)
-        return TextBatch(
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            pad_mask=self.pad_mask.to(device, non_blocking=non_blocking),
-            mlm_mask=self.mlm_mask.to(device, non_blocking=non_blocking),
-            mask_ratio=self.mask_ratio,
-            _predict_index=index,
-            _predict_weight=weight,
-        )
+        if torch.device(device) != self.mlm_mask.device and self.mlm_mask.device.type == "cpu":
+            self.predict_index()  # found on the CPU, where it needs no host sync, and moved with the rest
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "TextBatch":
         """The batch in page-locked host memory (the DataLoader calls this with ``pin_memory=True``), so its copies
         to the GPU are asynchronous; a pageable copy may wait for the stream's earlier work."""
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return TextBatch(input_ids=pin(self.input_ids), pad_mask=pin(self.pad_mask), mlm_mask=pin(self.mlm_mask),
-                         mask_ratio=self.mask_ratio, _predict_index=pin(self._predict_index),
-                         _predict_weight=pin(self._predict_weight))
+        return self.apply(torch.Tensor.pin_memory)
 
     def predict_index(self) -> torch.Tensor:
         """int64 ``[M]``: flat (``b * L + l``) indices of the masked real tokens, in increasing order (``[B * L]``
