@@ -1,14 +1,15 @@
 # Sourced by bench/gpu_check.sh and bench/gpu_train_step.sh: stages that share one time budget on a lent GPU.
 # The sourcing script sets LOG (file), BUDGET (seconds for the whole script), and may set RESERVE (seconds kept
 # back at the end, default 15), MIN_LEFT (a stage with fewer seconds left is skipped, default 20) and SKIP
-# (stage names separated by spaces, left out on request). FAILED collects failed and budget-skipped stages.
+# (stage names separated by spaces, left out on request) or ONLY (the stages to run, the others left out).
+# FAILED collects failed and budget-skipped stages.
 FAILED=()
 
 # stage NAME LIMIT CMD...: run CMD under min(LIMIT, what is left of the budget), logged to LOG; returns its rc.
 stage() {
   local name="$1" limit="$2"
   shift 2
-  if [[ " ${SKIP:-} " == *" $name "* ]]; then
+  if [[ " ${SKIP:-} " == *" $name "* ]] || [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
     echo "=== $name: skipped (on request) ===" | tee -a "$LOG"
     return 0
   fi

@@ -39,7 +39,7 @@ fi
 # Kernel compiles dominate the first GPU test run: spread them over 4 pytest-xdist workers when it is there.
 XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
-stage gpu-tests 150 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider tests/
+stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider tests/
 stage train_step 90 python3 bench/train_step.py
 stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py

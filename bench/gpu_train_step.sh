@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Train-step study on a lent GPU (one device call): build, the trainer's (eager and CUDA-graph), the fused
-# GroupNorm's and LPIPS' GPU tests, their benchmarks, then bench/train_step.py at the paper shape: all arms with
-# "ours" in channels_last (fused norm), eager and captured in a CUDA graph; "ours" in NCHW with PyTorch's and with
-# the fused norm; a profiler table of channels_last; "ours" with torch.compile of each VQGAN block, then of the
+# Train-step study on a lent GPU (one device call): build, bench/train_step.py at the paper shape with all arms
+# and "ours" in channels_last (fused norm), eager and captured in a CUDA graph; the trainer's (eager and
+# CUDA-graph), the fused GroupNorm's and LPIPS' GPU tests, their benchmarks; the train step again (a repeat);
+# "ours" in NCHW with PyTorch's and with the fused norm; a profiler table of channels_last; "ours" with torch.compile of each VQGAN block, then of the
 # whole model, both channels_last. Results and logs go to $OUT.
 # Budget: TRAIN_STEP_BUDGET seconds (default 540, inside a 570 s device call); the compile variants come last.
+# ONLY="build train_step_cl" (stage names) runs just those stages, SKIP="..." leaves some out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/results/gpu_train_step}"
@@ -18,15 +19,16 @@ MIN_LEFT=15
 source bench/_stages.sh
 install_carried_wheels
 stage build 120 python3 -m pip install -q -e . --no-build-isolation --no-deps
+# all arms, "ours" in channels_last with the fused norm, eager and captured in a CUDA graph (each arm times ~3 s
+# after its warm-up; cuDNN autotuning makes the first steps slow)
+stage train_step_cl 140 python3 bench/train_step.py --channels-last --cuda-graph --tag channels_last
 stage tests 120 python3 -m pytest -q --no-header -p no:cacheprovider \
   "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" "tests/test_train.py::test_tiny_run_on_gpu_with_cuda_graph" \
   tests/test_train_graph.py tests/test_group_norm.py tests/test_lpips.py tests/test_models.py -m gpu
 # the fused GroupNorm + SiLU and LPIPS distance against PyTorch's, both memory formats, at the paper shape
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 45 python3 bench/lpips.py
-# all arms, "ours" in channels_last with the fused norm, eager and captured in a CUDA graph (each arm times ~3 s
-# after its warm-up; cuDNN autotuning makes the first steps slow)
-stage train_step_cl 140 python3 bench/train_step.py --channels-last --cuda-graph --tag channels_last
+stage train_step_cl_repeat 100 python3 bench/train_step.py --channels-last --cuda-graph --tag channels_last_repeat
 # "ours" in NCHW: PyTorch's norm, then the fused one
 stage train_step_nchw 45 python3 bench/train_step.py --skip-reference --tag nchw
 stage train_step_nchw_triton 45 python3 bench/train_step.py --skip-reference --norm-impl triton --tag nchw_triton_norm
