@@ -234,7 +234,8 @@ def load_optimizer_state(opt, saved):
     """``opt.load_state_dict(saved)`` keeping this run's settings: PyTorch restores every hyperparameter of the
     checkpoint's groups, so a run resumed with another ``--lr`` or ``train.cuda_graph`` would silently train with
     the old lr, or with an Adam that cannot be captured. The moments and step counts are the checkpoint's; the
-    step counter moves to the parameters' device when the optimizer is fused or capturable, as Adam keeps it."""
+    step counter moves to the parameters' device when the optimizer is fused or capturable, as Adam keeps it, and
+    the moments take their parameter's memory format (a run resumed with another ``train.channels_last``)."""
     keep = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     opt.load_state_dict(saved)
     for group, settings in zip(opt.param_groups, keep):
@@ -244,6 +245,11 @@ def load_optimizer_state(opt, saved):
             st = opt.state.get(p, {})
             if on_device and torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+            for k, v in st.items():
+                # moments saved from a run in the other memory format (train.channels_last changed on resume):
+                # the fused Adam needs them laid out as their parameter
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x, text, step, autocast, mcfg):

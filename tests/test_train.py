@@ -460,6 +460,30 @@ def test_resume_keeps_this_runs_optimizer_settings():
     assert torch.equal(st["exp_avg"], old.state[params[0]]["exp_avg"])
 
 
+@pytest.mark.parametrize("saved_format", [torch.channels_last, torch.contiguous_format])
+def test_resume_lays_the_moments_out_as_their_parameters(saved_format):
+    """A run resumed with another train.channels_last: the checkpoint's Adam moments take the parameter's memory
+    format (the fused Adam refuses mixed layouts; PyTorch runs it on CPU tensors too) and keep their values."""
+    from lgvq_fast.train import load_optimizer_state
+
+    other = torch.contiguous_format if saved_format == torch.channels_last else torch.channels_last
+    old_p = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=saved_format))
+    old = torch.optim.Adam([old_p], lr=1e-3, fused=True)
+    old_p.grad = torch.randn(4, 3, 3, 3).contiguous(memory_format=saved_format)
+    old.step()
+    saved = old.state_dict()
+    assert saved["state"][0]["exp_avg"].is_contiguous(memory_format=saved_format)
+    p = torch.nn.Parameter(old_p.detach().contiguous(memory_format=other))
+    new = torch.optim.Adam([p], lr=1e-3, fused=True)
+    load_optimizer_state(new, saved)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert new.state[p][k].stride() == p.stride(), k
+        assert torch.equal(new.state[p][k], old.state[old_p][k]), k
+    p.grad = torch.randn(4, 3, 3, 3).contiguous(memory_format=other)
+    new.step()  # raises on mixed layouts
+    assert torch.isfinite(p).all()
+
+
 def test_make_optimizers_fuses_adam_on_cuda_only():
     from lgvq_fast.train import make_optimizers
 
