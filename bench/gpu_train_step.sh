@@ -27,12 +27,13 @@ if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 stage tests 120 python3 -m pytest -q --no-header -p no:cacheprovider "${XDIST[@]}" \
   "tests/test_train.py::test_tiny_run_on_gpu_with_bf16_autocast" "tests/test_train.py::test_tiny_run_on_gpu_with_cuda_graph" \
   tests/test_train_graph.py tests/test_group_norm.py tests/test_lpips.py tests/test_models.py -m gpu
+stage train_step_cl_repeat 150 python3 bench/train_step.py --channels-last --cuda-graph --tag channels_last_repeat
+# "ours" in NCHW, eager and captured (PyTorch's norm)
+stage train_step_nchw_graph 90 python3 bench/train_step.py --skip-reference --cuda-graph --tag nchw_graph
 # the fused GroupNorm + SiLU and LPIPS distance against PyTorch's, both memory formats, at the paper shape
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 45 python3 bench/lpips.py
-stage train_step_cl_repeat 150 python3 bench/train_step.py --channels-last --cuda-graph --tag channels_last_repeat
-# "ours" in NCHW, eager and captured (PyTorch's norm); then eager with PyTorch's and with the fused norm
-stage train_step_nchw_graph 90 python3 bench/train_step.py --skip-reference --cuda-graph --tag nchw_graph
+# "ours" in NCHW, eager: PyTorch's norm, then the fused one
 stage train_step_nchw 45 python3 bench/train_step.py --skip-reference --tag nchw
 stage train_step_nchw_triton 45 python3 bench/train_step.py --skip-reference --norm-impl triton --tag nchw_triton_norm
 # "ours" in channels_last without the one-op weight cast (autocast's per-call casts instead)
