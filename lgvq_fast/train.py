@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lgvq_fast.data.collate import mix_seed
-from lgvq_fast.train_config import ConfigError, build_config, config_to_dict, validate_config
+from lgvq_fast.train_config import ConfigError, build_config, config_to_dict, resolve_auto, validate_config
 from lgvq_fast.train_utils import (
     CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, place_models, print0, restore_rng,
     run_cli,
@@ -293,6 +293,7 @@ def train(cfg):
     t, m = cfg.train, cfg.model
     rank, world, _, device = init_distributed(t.device)
     is_main = rank == 0
+    auto = resolve_auto(cfg, device, world)  # train.cuda_graph / channels_last "auto" -> true or false
     out_dir = t.out or os.path.join("runs", cfg.preset)
     stop = StopFlag()
     text_encoder, model, loss_mod, opt_g, opt_d, lr = build_everything(cfg, device, world)
@@ -376,7 +377,9 @@ def train(cfg):
     if t.cuda_graph:
         from lgvq_fast.train_graph import GraphedTrainStep
 
-        graphed = GraphedTrainStep(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, autocast, m)
+        # chosen by "auto": a capture that fails warns and the run goes on eagerly; asked for: the error stops it
+        graphed = GraphedTrainStep(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, autocast, m,
+                                   eager_on_capture_error="train.cuda_graph" in auto, log=print0)
     if t.resume and step > 0:
         restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
     else:
@@ -386,7 +389,8 @@ def train(cfg):
     psnr_start = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
     print0(f"config {cfg.preset}: {world} process(es) on {device}, {m.resolution}px, K={m.codebook_size}, "
            f"batch {t.batch_size}x{world}, lr {lr:.3g}, steps {t.steps}, text losses "
-           f"{'on' if m.use_text_losses else 'off'}, start-up {time.perf_counter() - t0:.1f}s")
+           f"{'on' if m.use_text_losses else 'off'}{', step captured in a CUDA graph' if t.cuda_graph else ''}"
+           f"{', channels_last' if t.channels_last else ''}, start-up {time.perf_counter() - t0:.1f}s")
     print0(f"val PSNR at step {step}: {psnr_start:.2f} dB")
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=is_main)
     if is_main:
@@ -515,6 +519,8 @@ def train(cfg):
                "stopped_by_signal": stop.stop, "rank": rank, "model_sha256": state_sha256(raw_model.state_dict())}
     if graphed is not None:
         summary["cuda_graph"] = {"captures": graphed.captures, "replays": graphed.replays}
+        if graphed.capture_error is not None:
+            summary["cuda_graph"]["capture_error"] = graphed.capture_error
         print0(f"cuda graph: {graphed.captures} capture(s), {graphed.replays} of {step - start_step} steps replayed")
     metrics.write({"summary": summary})
     print0(f"val PSNR: {psnr_start:.2f} dB at start -> {psnr_end:.2f} dB at step {step}; "

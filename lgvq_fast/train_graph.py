@@ -1,4 +1,5 @@
-"""The training step captured into a CUDA graph (``train.cuda_graph=true``).
+"""The training step captured into a CUDA graph (``train.cuda_graph``: "auto", the default, captures it
+wherever it can run; ``true`` requires it).
 
 At the paper shape the eager step launches a few thousand kernels, many of them small, so the host's launch
 work is close to the GPU's compute time. ``GraphedTrainStep`` records :func:`lgvq_fast.train.train_step` (text
@@ -33,7 +34,7 @@ class GraphedTrainStep:
     ``out, logs = graphed(x, text, step)``."""
 
     def __init__(self, model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, autocast, mcfg,
-                 warmup=3, capture_error_mode="thread_local"):
+                 warmup=3, capture_error_mode="thread_local", eager_on_capture_error=False, log=print):
         device = next(raw_model.parameters()).device
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"train.cuda_graph needs the model on a CUDA device, it is on {device}")
@@ -73,6 +74,10 @@ class GraphedTrainStep:
         self.outputs = None  # (out, logs) the graph writes
         self.replays = 0
         self.captures = 0
+        # eager_on_capture_error: a capture that raises is reported through ``log`` and every later step runs
+        # eagerly (the failed step too: nothing of it ran during the capture); otherwise the error propagates
+        self.eager_on_capture_error, self.log = bool(eager_on_capture_error), log
+        self.capture_error = None  # "Type: message" of the failed capture, then the object stays eager
 
     def _step(self, x, text, step):
         from lgvq_fast.train import train_step
@@ -111,6 +116,22 @@ class GraphedTrainStep:
         self.signature = self._signature(static_x, static_text)
         self.captures += 1
 
+    def _recover(self, rng):
+        """After a failed capture: nothing of the step ran, so it runs again eagerly with the random numbers it
+        would have drawn. A capture ended by an error skips the CUDA generator's capture epilogue; an empty
+        capture runs it, then the generators get back their state from before the attempt."""
+        self.graph = self.static = self.outputs = None
+        try:
+            empty = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(empty, stream=self.stream):
+                pass
+            del empty
+        except Exception:  # the generator state is set below either way
+            pass
+        torch.cuda.synchronize(self.device)
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], self.device)
+
     def __call__(self, x, text, step):
         if x.device != self.device:
             raise ValueError(f"GraphedTrainStep: x is on {x.device}, the model on {self.device}")
@@ -127,8 +148,20 @@ class GraphedTrainStep:
         if self.graph is None and self.eager_steps < self.warmup:
             self.eager_steps += 1
             return self._eager(x, text, step)
+        if self.capture_error is not None:
+            return self._step(x, text, step)
         if self.graph is None:
-            self._capture(x, text, step)
+            rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+            try:
+                self._capture(x, text, step)
+            except Exception as e:
+                if not self.eager_on_capture_error:
+                    raise
+                self.capture_error = f"{type(e).__name__}: {e}"
+                self.log(f"train.cuda_graph: capturing the step failed ({self.capture_error.splitlines()[0][:300]}); "
+                         "the run goes on without the graph (set train.cuda_graph=false to skip the attempt)")
+                self._recover(rng)
+                return self._step(x, text, step)
         elif self._signature(x, text) != self.signature:
             return self._eager(x, text, step)
         static_x, static_text = self.static

@@ -424,16 +424,21 @@ def test_tiny_run_on_gpu_with_bf16_autocast(tmp_path):
 @pytest.mark.gpu
 def test_tiny_run_on_gpu_with_cuda_graph(tmp_path):
     """train.cuda_graph in the trainer (pinned DataLoader batches from worker processes): warm-up, a capture after
-    disc_start, replays; resuming an eager run's checkpoint with the graph on, and a graph run's with it on."""
+    disc_start, replays; resuming an eager run's checkpoint with the default ("auto": captured, channels_last),
+    then a graph run's with the graph asked for."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     out = tmp_path / "graph"
-    common = ["--device", "cuda", "--set", "train.channels_last=true", "--set", "model.quantizer_kwargs={}",
-              "--num-workers", "2"]
-    assert _run(out, "--steps", "4", *common)["step"] == 4  # eager: fused Adam that is not capturable
-    summary = _run(out, "--steps", "12", "--resume", "auto", "--set", "train.cuda_graph=true", *common)
+    common = ["--device", "cuda", "--set", "model.quantizer_kwargs={}", "--num-workers", "2"]
+    # eager, fused Adam that is not capturable
+    summary = _run(out, "--steps", "4", "--set", "train.cuda_graph=false", "--set", "train.channels_last=true",
+                   *common)
+    assert summary["step"] == 4 and "cuda_graph" not in summary
+    summary = _run(out, "--steps", "12", "--resume", "auto", *common)
     # steps 4-6 warm up, step 7 is captured and replayed, then 8-11 replayed
     assert summary["step"] == 12 and summary["cuda_graph"] == {"captures": 1, "replays": 5}
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["cuda_graph"] is True and config["train"]["channels_last"] is True
     rows = [r for r in _rows(out) if "total" in r]
     assert len(rows) == 12 and all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
     assert all("d_loss" in r for r in rows[2:])  # the captured phase trains the discriminator
