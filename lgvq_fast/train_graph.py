@@ -26,6 +26,8 @@ captured and every later one replayed. A batch whose shapes differ from the capt
 short last batch) runs eagerly. The outputs and logs a replay returns are the graph's static tensors:
 read them (or clone them) before the next step overwrites them.
 """
+import warnings
+
 import torch
 
 
@@ -122,9 +124,11 @@ class GraphedTrainStep:
         capture runs it, then the generators get back their state from before the attempt."""
         self.graph = self.static = self.outputs = None
         try:
-            empty = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(empty, stream=self.stream):
-                pass
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "The CUDA Graph is empty": it is meant to be
+                empty = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(empty, stream=self.stream):
+                    pass
             del empty
         except Exception:  # the generator state is set below either way
             pass
