@@ -8,7 +8,9 @@
 GPU: batch 8, 256x256, K=1024, D=256, text length 30, a randomly initialised CLIP ViT-B/32-shaped text tower
 (same FLOPs as the real one, no weights needed) and a randomly initialised VGG16 perceptual net.
 "ours" is ``lgvq_fast.train.train_step`` with the trainer's optimisers (``make_optimizers``: fused Adam on
-CUDA): bf16 autocast, one generator forward per step, D trained on the detached reconstruction. "reference"
+CUDA): bf16 autocast, one generator forward per step, D trained on the detached reconstruction, run eagerly;
+``--cuda-graph`` adds it captured in a CUDA graph, as the trainer runs it by default on one GPU
+(``train.cuda_graph=auto``; with ``--channels-last``, the layout the trainer then picks). "reference"
 follows the official structure in the same process with plain Adam: fp32, and the discriminator pass
 re-encodes the text and recomputes the whole generator forward and its reconstruction losses before the D
 loss (spec §5.4, B8); it uses this package's fused ops, so its ratio isolates the step structure, precision

@@ -132,7 +132,8 @@ def _parse_value(text, current, name):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"--set {name}: expected a boolean, got {text!r}")
+        raise ConfigError(f"--set {name}: expected {'auto, true or false' if name in AUTO_BOOL else 'a boolean'}, "
+                          f"got {text!r}")
     try:
         if isinstance(current, tuple):
             inner = text.strip().strip("()[]")
