@@ -8,6 +8,7 @@ work before that step only costs time). Checkpoints are atomic (temp file + rena
 data order and RNG state.
 """
 import argparse
+import copy
 import json
 import os
 import signal
@@ -101,6 +102,7 @@ def build_everything(cfg, device, world):
     from lgvq_fast.models import TextEncoder, build_model
     from lgvq_fast.models.vqgan import set_norm_impl
 
+    resolve_auto(cfg, device, world)  # "auto" settings -> true/false (already done by train(): nothing left)
     m, t = cfg.model, cfg.train
     text_encoder = TextEncoder.build(m.text_encoder, max_len=m.max_text_len)
     # Same initial weights on every rank (DDP also broadcasts them, this keeps single-process runs reproducible).
@@ -152,7 +154,8 @@ def load_resume_state(ckpt, resume, device):
 # settings that may change on resume without changing what is trained
 _RESUME_NEUTRAL = {"train.steps", "train.out", "train.resume", "train.ckpt_every", "train.keep_last",
                    "train.sample_every", "train.eval_every", "train.log_every", "train.val_batch", "train.progress",
-                   "train.device", "train.compile", "train.compile_scope", "train.cuda_graph", "train.batch_size",
+                   "train.device", "train.compile", "train.compile_scope", "train.cuda_graph", "train.channels_last",
+                   "train.batch_size",
                    "data.num_workers", "data.skip_bad_samples"}
 
 
@@ -290,6 +293,7 @@ def train(cfg):
 
     t0 = time.perf_counter()
     validate_config(cfg)  # also for configs built in code, not by build_config
+    cfg = copy.deepcopy(cfg)  # "auto" settings are resolved below: the caller's config keeps them
     t, m = cfg.train, cfg.model
     rank, world, _, device = init_distributed(t.device)
     is_main = rank == 0

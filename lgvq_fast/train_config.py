@@ -56,8 +56,9 @@ class TrainConfig:
     # AttnBlock on its own, static shapes: blocks of one shape share their compiled code, so it compiles faster)
     compile_scope: str = "model"
     # "auto", true or false. channels_last: activations and convolution weights in NHWC, the VQGAN's norms as the
-    # fused Triton op; "auto": on when the step is captured (H200, paper shape: 62 ms captured against 68 ms
-    # NCHW; run eagerly NCHW is the faster, 137 ms against 165 ms)
+    # fused Triton op; "auto": on when the step is captured and norm_impl is not native (H200, paper shape: 62 ms
+    # captured against 68 ms NCHW; run eagerly NCHW is the faster, 137 ms against 165 ms). The layout is chosen
+    # at start-up: a run whose capture fails (see cuda_graph) goes on eagerly in it
     channels_last: bool | str = "auto"
     # capture the whole step (text encoder, G and D updates) into a CUDA graph and replay it
     # (lgvq_fast/train_graph.py): CUDA, one process, no dead-code restart, no torch.compile. "auto": on where
@@ -296,8 +297,14 @@ def resolve_auto(cfg, device, world):
     if t.cuda_graph == "auto":
         t.cuda_graph = (device.type == "cuda" and world == 1 and not t.compile and _host_read(cfg.model) is None)
         resolved.append("train.cuda_graph")
+    elif t.cuda_graph is True and (device.type != "cuda" or world > 1):
+        # before anything is built or a checkpoint folder touched
+        where = f"{world} processes" if world > 1 else f"the device is {device}"
+        raise ConfigError(f"train.cuda_graph=true needs CUDA and one process, but {where} (use "
+                          "train.cuda_graph=auto to capture only where it can run)")
     if t.channels_last == "auto":
-        t.channels_last = bool(t.cuda_graph)
+        # with PyTorch's norms (train.norm_impl=native) channels_last would convert around every GroupNorm
+        t.channels_last = bool(t.cuda_graph) and t.norm_impl != "native"
         resolved.append("train.channels_last")
     return resolved
 
@@ -327,6 +334,13 @@ def _check_quantizer_kwargs(m):
     if unknown:
         raise ConfigError(f"model.quantizer_kwargs: unknown key(s) {unknown} for quantizer {m.quantizer!r}; "
                           f"allowed: {allowed}")
+    kw = m.quantizer_kwargs
+    v = kw.get("threshold_ema_dead_code", 0)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+        raise ConfigError(f"model.quantizer_kwargs: threshold_ema_dead_code must be a number >= 0 (0: no restart), "
+                          f"got {v!r}")
+    if not isinstance(kw.get("check_finite", False), bool):
+        raise ConfigError(f"model.quantizer_kwargs: check_finite must be true or false, got {kw['check_finite']!r}")
 
 
 def config_to_dict(cfg):

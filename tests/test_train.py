@@ -527,6 +527,53 @@ def test_quantizer_kwargs_and_output_path_are_checked(tmp_path):
             validate_config(cfg)
 
 
+def test_quantizer_kwargs_types_are_checked():
+    from lgvq_fast.train_config import PRESETS, ConfigError, validate_config
+
+    for kwargs, culprit in (({"threshold_ema_dead_code": "1"}, "threshold_ema_dead_code"),
+                            ({"threshold_ema_dead_code": -1.0}, "threshold_ema_dead_code"),
+                            ({"threshold_ema_dead_code": float("nan")}, "threshold_ema_dead_code"),
+                            ({"check_finite": "false"}, "check_finite")):
+        cfg = PRESETS["tiny-cpu"]()
+        cfg.model.quantizer_kwargs = kwargs
+        with pytest.raises(ConfigError, match=culprit):
+            validate_config(cfg)
+
+
+def test_cuda_graph_true_where_it_cannot_run_touches_nothing(tmp_path, capsys):
+    """train.cuda_graph=true on a machine (or process count) where no graph can run is refused before a
+    checkpoint folder is touched: a used folder keeps its checkpoints and metrics in place."""
+    from lgvq_fast.train_config import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine without CUDA")
+    _run(tmp_path, "--steps", "2")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match=r"train.cuda_graph=true needs CUDA and one process.*device is cpu"):
+        _run(tmp_path, "--steps", "4", "--set", "train.cuda_graph=true", "--set", "model.quantizer_kwargs={}")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_auto_settings_are_resolved_for_the_run_only(tmp_path):
+    """train() resolves "auto" on a copy (the caller's config keeps "auto", so a second train(cfg) resolves it
+    again); build_everything resolves it too when called on its own; the resolved values reach config.json."""
+    from lgvq_fast.train import build_everything
+    from lgvq_fast.train_config import PRESETS
+
+    cfg = PRESETS["tiny-cpu"]()
+    cfg.model.text_encoder = "tiny-random"
+    cfg.train.out, cfg.train.steps, cfg.train.progress = str(tmp_path), 1, False
+    cfg.train.sample_every = cfg.train.ckpt_every = 0
+    train_mod.train(cfg)
+    assert cfg.train.cuda_graph == "auto" and cfg.train.channels_last == "auto"
+    saved = json.loads((tmp_path / "config.json").read_text())["train"]
+    assert saved["cuda_graph"] is False and saved["channels_last"] is False
+    _, model, _, opt_g, _, _ = build_everything(cfg, torch.device("cpu"), 1)
+    assert cfg.train.channels_last is False and cfg.train.cuda_graph is False
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous() and not opt_g.param_groups[0].get("capturable")
+
+
 def test_fresh_run_in_a_used_folder_moves_the_old_checkpoints_aside(tmp_path, capsys):
     _run(tmp_path, "--steps", "4", "--ckpt-every", "1")
     old = CheckpointIO(str(tmp_path)).all()

@@ -187,6 +187,14 @@ def test_auto_settings_parse_validate_and_resolve():
     assert resolved(cuda, train__channels_last=False) == (True, False, ["train.cuda_graph"])
     assert resolved(cuda, train__cuda_graph=False) == (False, False, ["train.channels_last"])
     assert resolved(cpu, train__channels_last=True)[:2] == (False, True)
+    # PyTorch's norms would convert around every GroupNorm in channels_last
+    assert resolved(cuda, train__norm_impl="native")[:2] == (True, False)
+    # asked for where it cannot run: refused once the device and the process count are known
+    for device, world in ((cpu, 1), (cuda, 2)):
+        c = PRESETS["cub"]()
+        c.train.cuda_graph = True
+        with pytest.raises(ConfigError, match="train.cuda_graph=true needs CUDA and one process"):
+            resolve_auto(c, device, world)
     # the default run (tiny-cpu: dead-code restart) and an explicit request that cannot hold
     c = PRESETS["tiny-cpu"]()
     validate_config(c)
