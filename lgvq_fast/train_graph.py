@@ -122,7 +122,6 @@ class GraphedTrainStep:
         """After a failed capture: nothing of the step ran, so it runs again eagerly with the random numbers it
         would have drawn. A capture ended by an error skips the CUDA generator's capture epilogue; an empty
         capture runs it, then the generators get back their state from before the attempt."""
-        self.graph = self.static = self.outputs = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "The CUDA Graph is empty": it is meant to be
@@ -146,14 +145,14 @@ class GraphedTrainStep:
                 text = text.fixed_size()
         else:
             text = None
+        if self.capture_error is not None:  # a capture failed: every step from then on runs eagerly
+            return self._step(x, text, step)
         phase = bool(self.args[2].disc_active(step))
         if phase != self.phase:
             self.phase, self.eager_steps, self.graph, self.static, self.outputs = phase, 0, None, None, None
         if self.graph is None and self.eager_steps < self.warmup:
             self.eager_steps += 1
             return self._eager(x, text, step)
-        if self.capture_error is not None:
-            return self._step(x, text, step)
         if self.graph is None:
             rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
             try:
