@@ -26,6 +26,7 @@ PACKAGES = [
     "lgvq_fast.reference",
     "lgvq_fast.models",
     "lgvq_fast.data",
+    "lgvq_fast.training",
     "lgvq_fast.kernels",
 ]
 

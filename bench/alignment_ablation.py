@@ -18,12 +18,9 @@ bench/results/alignment_ablation_cpu_<name>.json and prints a Markdown table.
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -43,7 +40,7 @@ def train_run(out, steps, seed, text_losses, weight=None):
 def load_tokenizer(ckpt_path, text_encoder):
     """A text-loss-enabled LGVQ holding the checkpoint's tokenizer weights, with fresh alignment heads."""
     from lgvq_fast.models import LGVQConfig, build_model
-    from lgvq_fast.train_utils import CheckpointIO
+    from lgvq_fast.training.checkpoint import CheckpointIO
 
     state = CheckpointIO.load(ckpt_path)
     cfg = LGVQConfig.from_dict(state["config"]["model"])
@@ -114,7 +111,7 @@ def main():
     from lgvq_fast.eval import evaluate
     from lgvq_fast.models import TextEncoder
     from lgvq_fast.train_config import PRESETS
-    from lgvq_fast.train_utils import CheckpointIO
+    from lgvq_fast.training.checkpoint import CheckpointIO
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
@@ -180,7 +177,7 @@ def main():
     path = os.path.join(RESULTS, f"alignment_ablation_cpu_{name}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-    fmt = lambda d: "-" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
+    fmt = lambda d: "-" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"
     cols = ("psnr", "masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text", "r1_text_to_image")
     print(f"\n{args.steps} steps, seeds {args.seeds}, probe {args.probe_steps} steps, {args.val_size} val captions "
           f"(R@1 chance {chance or 0:.4f}); mean ± std over seeds")

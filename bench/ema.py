@@ -14,20 +14,15 @@ whose error exceeds the tolerance (4x the index_add reference's own fp32 error, 
 ulps of the largest value) gets no speed-up. On a CPU-only machine only the reference rows run.
 """
 import argparse
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (device_name, interpreted_run, parse_shape, print_table, speedup_cell,  # noqa: E402
-                           time_ms, write_results)
-from lgvq_fast import _backend  # noqa: E402
-from lgvq_fast.ops import ema_update_  # noqa: E402
-from lgvq_fast.reference import ema as ref  # noqa: E402
+# python bench/<name>.py puts bench/ first on sys.path: _common is this folder's shared helpers
+from _common import (device_name, interpreted_run, parse_shape, print_table, speedup_cell,
+                     time_ms, write_results)
+from lgvq_fast import _backend
+from lgvq_fast.ops import ema_update_
+from lgvq_fast.reference import ema as ref
 
 GPU_SHAPE = (65536, 16384, 256)
 CPU_SHAPE = (16384, 1024, 64)

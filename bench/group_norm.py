@@ -14,21 +14,16 @@ On a CPU-only machine the triton rows are skipped (the kernels need a GPU; TRITO
 check, and their times then mean nothing).
 """
 import argparse
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench._common import (device_name, interpreted_run, judge_against_native, parse_shape, print_table,  # noqa: E402
-                           time_fwd_and_bwd, write_results)
-from lgvq_fast import _backend  # noqa: E402
-from lgvq_fast.ops import group_norm  # noqa: E402
-from lgvq_fast.reference import group_norm as ref  # noqa: E402
+# python bench/<name>.py puts bench/ first on sys.path: _common is this folder's shared helpers
+from _common import (device_name, interpreted_run, judge_against_native, parse_shape, print_table,
+                     time_fwd_and_bwd, write_results)
+from lgvq_fast import _backend
+from lgvq_fast.ops import group_norm
+from lgvq_fast.reference import group_norm as ref
 
 GPU_SHAPES = [(8, 128, 256, 256), (8, 256, 64, 64), (8, 512, 16, 16)]
 CPU_SHAPES = [(2, 64, 16, 16)]

@@ -14,20 +14,15 @@ whose error exceeds the tolerance (2x native's error + 8 roundings) gets no spee
 triton rows are skipped.
 """
 import argparse
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (device_name, interpreted_run, judge_against_native, parse_shape, print_table,  # noqa: E402
-                           time_fwd_and_bwd, write_results)
-from lgvq_fast import _backend  # noqa: E402
-from lgvq_fast.ops import lpips_distance  # noqa: E402
-from lgvq_fast.reference import lpips as ref  # noqa: E402
+# python bench/<name>.py puts bench/ first on sys.path: _common is this folder's shared helpers
+from _common import (device_name, interpreted_run, judge_against_native, parse_shape, print_table,
+                     time_fwd_and_bwd, write_results)
+from lgvq_fast import _backend
+from lgvq_fast.ops import lpips_distance
+from lgvq_fast.reference import lpips as ref
 
 GPU_SHAPES = [(8, 64, 256, 256), (8, 128, 128, 128), (8, 256, 64, 64), (8, 512, 32, 32), (8, 512, 16, 16)]
 CPU_SHAPES = [(2, 64, 32, 32)]

@@ -23,18 +23,14 @@ the kernels need a GPU.
 """
 import argparse
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms, write_results  # noqa: E402
-from lgvq_fast import _backend  # noqa: E402
-from lgvq_fast.ops import nearest_code  # noqa: E402
-from lgvq_fast.reference import nearest_code as ref  # noqa: E402
+# python bench/<name>.py puts bench/ first on sys.path: _common is this folder's shared helpers
+from _common import device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms, write_results
+from lgvq_fast import _backend
+from lgvq_fast.ops import nearest_code
+from lgvq_fast.reference import nearest_code as ref
 
 # The headline shape first: results are written after every shape, so a run cut short keeps what it measured.
 GPU_SHAPES = [(65536, 16384, 256), (16384, 1024, 256), (65536, 16384, 32), (65536, 16384, 8), (16384, 131072, 256)]

@@ -14,20 +14,15 @@ at least 16 fp32 ulps of the value) gets no speed-up. On a CPU-only machine the 
 skipped (the kernel needs a GPU).
 """
 import argparse
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (device_name, interpreted_run, parse_shape, print_table, speedup_cell,  # noqa: E402
-                           time_fwd_and_bwd, write_results)
-from lgvq_fast import _backend  # noqa: E402
-from lgvq_fast.ops import relation_loss  # noqa: E402
-from lgvq_fast.reference import relation as ref  # noqa: E402
+# python bench/<name>.py puts bench/ first on sys.path: _common is this folder's shared helpers
+from _common import (device_name, interpreted_run, parse_shape, print_table, speedup_cell,
+                     time_fwd_and_bwd, write_results)
+from lgvq_fast import _backend
+from lgvq_fast.ops import relation_loss
+from lgvq_fast.reference import relation as ref
 
 GPU_SHAPE = (64, 30, 256, 512)
 CPU_SHAPE = (16, 30, 64, 256)

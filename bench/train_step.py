@@ -27,14 +27,12 @@ convolutions and matrix products: the fastest fp32 setting for the two-pass arms
 import argparse
 import contextlib
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (card_slug, device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms,  # noqa: E402
-                           write_results)
+# python bench/<name>.py puts bench/ first on sys.path: _common is this folder's shared helpers
+from _common import (card_slug, device_name, extra_memory_bytes, fmt_bytes, print_table, time_ms,
+                     write_results)
 
 
 class _VocabOnlyTokenizer:
@@ -163,7 +161,7 @@ def official_ops(model, loss_mod=None):
     reference path), the RAS loss as a Python loop over word positions (bench/relation.py), PyTorch's GroupNorm,
     the two-op swish and (with ``loss_mod``) LPIPS' PyTorch formulation."""
     import lgvq_fast.ops
-    from bench.relation import word_loop_loss
+    from relation import word_loop_loss
     from lgvq_fast.models import vqgan
 
     quantizer = model.quantizer

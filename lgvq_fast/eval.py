@@ -7,23 +7,34 @@ encoder's global feature over the whole evaluated set, and FID when a local Ince
 """
 import argparse
 import json
+import math
 import os
 import sys
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__" and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script (python lgvq_fast/eval.py): Python put this file's folder first on sys.path, where the package's
+    # own modules (data, models, ops) would shadow top-level modules of those names. Drop it: the package is
+    # imported as installed (pip install -e .), and the repository root is never added.
+    del sys.path[0]
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from lgvq_fast.train_config import ConfigError
+from lgvq_fast.training.errors import RunError
 
 
 class EvalError(ConfigError):
     """A user error of the eval command line (bad option, unreadable checkpoint, weights that do not fit, unreadable
     data): ``cli`` prints it as one ``eval.py: error:`` line with exit status 2 (``LGVQ_TRACEBACK=1`` shows the
     traceback)."""
+
+
+class NonFiniteMetrics(RunError):
+    """The evaluated model gives NaN or inf metrics: the JSON holds null for them and the exit status is 3."""
+
+    status = 3
 
 
 def _one_line(msg):
@@ -224,7 +235,7 @@ def retrieval_r1(vt, tg, captions):
 
 def _read_checkpoint(path):
     """The state dict of a training checkpoint; EvalError naming ``path`` when it cannot be read or is not one."""
-    from lgvq_fast.train_utils import CheckpointIO
+    from lgvq_fast.training.checkpoint import CheckpointIO
 
     try:
         state = CheckpointIO.load(path, "cpu")
@@ -318,7 +329,7 @@ def _write_json(result, path):
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, allow_nan=False)
         os.replace(tmp, path)
     except OSError as exc:
         raise EvalError(f"--out {path}: cannot write the metrics: {exc.strerror or exc}") from exc
@@ -415,15 +426,37 @@ def main(argv=None):
         result["skipped_samples"] = at_build + loader.skipped
         print(f"skipped bad samples: {at_build} at build time, {loader.skipped} unreadable image(s) while reading",
               file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2))
+    result, nonfinite = finite_json(result)
+    print(json.dumps(result, indent=2, allow_nan=False))
     if args.out:
         _write_json(result, args.out)
+    if nonfinite:
+        raise NonFiniteMetrics(f"the model's metrics are not finite ({', '.join(nonfinite)}; null in the JSON): "
+                               f"{args.ckpt} gives NaN or inf outputs")
     return result
+
+
+def finite_json(result, prefix=""):
+    """(``result`` with every NaN or inf float replaced by None, the names of those entries): JSON has no NaN,
+    and ``json.dump`` would write the invalid token ``NaN``."""
+    if isinstance(result, dict):
+        out, bad = {}, []
+        for k, v in result.items():
+            out[k], sub = finite_json(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+            bad += sub
+        return out, bad
+    if isinstance(result, (list, tuple)):
+        pairs = [finite_json(v, f"{prefix}[{i}]") for i, v in enumerate(result)]
+        return [v for v, _ in pairs], [b for _, sub in pairs for b in sub]
+    if isinstance(result, float) and not math.isfinite(result):
+        return None, [prefix]
+    return result, []
 
 
 def cli(argv=None):
     """``main`` for the command line: a user error (missing or unreadable checkpoint, data or model file, weights
-    that do not fit the model, bad --device / --out / --inception) is one ``eval.py: error:`` line, exit status 2."""
+    that do not fit the model, bad --device / --out / --inception) is one ``eval.py: error:`` line, exit status 2;
+    a model whose metrics are NaN or inf gets null for them in the JSON and exit status 3."""
     from lgvq_fast.train_utils import run_cli
 
     return run_cli(main, "eval.py", argv)

@@ -15,39 +15,30 @@ import signal
 import sys
 import time
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script (torchrun): make the repository root importable instead of lgvq_fast/ itself.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__" and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script (torchrun lgvq_fast/train.py): Python put this file's folder first on sys.path, where the package's
+    # own modules (data, models, ops) would shadow top-level modules of those names. Drop it: the package is
+    # imported as installed (pip install -e .), and the repository root is never added.
+    del sys.path[0]
 
 import torch
 import torch.distributed as dist
 
 from lgvq_fast.data.collate import mix_seed
-from lgvq_fast.train_config import ConfigError, build_config, config_to_dict, resolve_auto, validate_config
+from lgvq_fast.train_config import PRESETS, ConfigError, build_config, config_to_dict, resolve_auto, validate_config
 from lgvq_fast.train_utils import (
-    CheckpointIO, DiscSwap, MetricsLog, batch_psnr, capture_rng, place_models, print0, restore_rng,
-    run_cli,
+    DiscSwap, MetricsLog, batch_psnr, capture_rng, one_line_error, place_models, print0, restore_rng, run_cli,
 )
-
-
-def init_distributed(device_arg):
-    """(rank, world_size, local_rank, device) from torchrun's environment; single process without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, local_rank, device
+from lgvq_fast.training.checkpoint import CheckpointIO, nonfinite_entries
+from lgvq_fast.training.distributed import DEFAULT_TIMEOUT_S, PeerWatch, init_distributed
+from lgvq_fast.training.errors import CheckpointWriteError, Diverged, FolderBusy, signal_status
+from lgvq_fast.training.run_folder import ParentWatch, RunLock, has_summary, trim_metrics
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and exits cleanly."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops (the command line
+    then exits with 128 + the signal's number). A torchrun worker whose launcher died stops the same way, as if
+    sent SIGHUP."""
 
     def __init__(self):
         self.stop = False
@@ -57,6 +48,11 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         self.stop, self.signum = True, signum
+
+    def orphaned(self, launcher_pid):
+        print(f"warning: the launcher (pid {launcher_pid}) is gone: this worker (pid {os.getpid()}) writes a "
+              "checkpoint after its current step and stops", file=sys.stderr, flush=True)
+        self.stop, self.signum = True, int(signal.SIGHUP)
 
 
 def make_loaders(cfg, text_encoder, rank, world):
@@ -118,7 +114,9 @@ def build_everything(cfg, device, world):
 def _saving_on_data_error(loader, save):
     """Iterate ``loader``; when reading a batch fails (an unreadable image, an empty caption file: a ValueError or
     OSError naming the file), call ``save`` (a checkpoint at the current step) first, so fixing the file (or
-    passing --skip-bad-samples) and resuming loses nothing. ``save=None`` (several processes) only re-raises."""
+    passing --skip-bad-samples) and resuming loses nothing. ``save=None`` (several processes) only re-raises.
+    The error is one line whatever ``num_workers`` is: a worker's exception carries its whole traceback, of which
+    only the last line (the cause, naming the file) is kept."""
     it = iter(loader)
     while True:
         try:
@@ -126,12 +124,12 @@ def _saving_on_data_error(loader, save):
         except StopIteration:
             return
         except (ValueError, OSError) as e:
+            cause = one_line_error(e)
             if save is None:  # several processes: the others are inside collectives, no checkpoint possible
-                raise
-            print0(f"reading a batch failed: {e}")
+                raise ValueError(cause) from None
             save("data error")
-            raise ValueError(f"{e} (a checkpoint of the steps so far was written: fix the file or pass "
-                             "--skip-bad-samples, then --resume auto)") from e
+            raise ValueError(f"{cause} (a checkpoint of the steps so far was written: fix the file or pass "
+                             "--skip-bad-samples, then --resume auto)") from None
         yield batch
 
 
@@ -155,7 +153,7 @@ def load_resume_state(ckpt, resume, device):
 _RESUME_NEUTRAL = {"train.steps", "train.out", "train.resume", "train.ckpt_every", "train.keep_last",
                    "train.sample_every", "train.eval_every", "train.log_every", "train.val_batch", "train.progress",
                    "train.device", "train.compile", "train.compile_scope", "train.cuda_graph", "train.channels_last",
-                   "train.batch_size",
+                   "train.batch_size", "train.dist_timeout",
                    "data.num_workers", "data.skip_bad_samples"}
 
 
@@ -288,18 +286,61 @@ def train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder
 
 
 def train(cfg):
-    from lgvq_fast.eval import save_recon_grid, save_usage_histogram
-    from lgvq_fast.quantize import code_counts
-
+    """Run the training ``cfg`` describes; returns its summary (see README, "Training", for the exit statuses
+    the command line maps its endings to)."""
     t0 = time.perf_counter()
     validate_config(cfg)  # also for configs built in code, not by build_config
     cfg = copy.deepcopy(cfg)  # "auto" settings are resolved below: the caller's config keeps them
-    t, m = cfg.train, cfg.model
-    rank, world, _, device = init_distributed(t.device)
-    is_main = rank == 0
+    t = cfg.train
+    rank, world, _, device = init_distributed(t.device, t.dist_timeout)
     auto = resolve_auto(cfg, device, world)  # train.cuda_graph / channels_last "auto" -> true or false
     out_dir = t.out or os.path.join("runs", cfg.preset)
+    lock = lock_run_folder(out_dir, rank, world, device)
     stop = StopFlag()
+    watch = PeerWatch(rank, world, t.dist_timeout or DEFAULT_TIMEOUT_S["nccl" if device.type == "cuda" else "gloo"])
+    # torchrun's workers outlive a launcher killed with -9: such an orphan stops (with a checkpoint) instead of
+    # writing on into a folder its user may already have resumed in
+    parent = ParentWatch(stop.orphaned) if "TORCHELASTIC_RUN_ID" in os.environ else None
+    try:
+        return _train(cfg, auto, rank, world, device, out_dir, stop, watch, t0)
+    finally:
+        watch.stop()
+        if parent is not None:
+            parent.stop()
+        if lock is not None:
+            lock.release()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def lock_run_folder(out_dir, rank, world, device):
+    """Rank 0 takes the output folder's lock (:class:`RunLock`) before anything in it is touched; every rank
+    learns whether it could, so all stop together when another run holds it. Rank 0 returns the lock."""
+    lock, busy = None, None
+    if rank == 0:
+        lock = RunLock(out_dir)
+        try:
+            warning = lock.acquire()
+            if warning:
+                print0(warning)
+        except FolderBusy as e:
+            lock, busy = None, e
+    if world > 1:
+        flag = torch.tensor([0.0 if busy is None else 1.0], device=device)
+        dist.all_reduce(flag)
+        if busy is None and flag.item() > 0:
+            busy = FolderBusy(f"rank 0 could not lock {out_dir}: it is in use by another run")
+    if busy is not None:
+        raise busy
+    return lock
+
+
+def _train(cfg, auto, rank, world, device, out_dir, stop, watch, t0):
+    from lgvq_fast.eval import save_recon_grid, save_usage_histogram
+    from lgvq_fast.quantize import code_counts
+
+    t, m = cfg.train, cfg.model
+    is_main = rank == 0
     text_encoder, model, loss_mod, opt_g, opt_d, lr = build_everything(cfg, device, world)
     raw_model, raw_disc = model, loss_mod.discriminator
     train_ds, val_ds, sampler, loader = make_loaders(cfg, text_encoder, rank, world)
@@ -312,68 +353,54 @@ def train(cfg):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not t.cuda_graph)
 
     ckpt = CheckpointIO(out_dir, keep_last=t.keep_last)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if is_main:
+        stale = ckpt.remove_stale_temps()
+        if stale:
+            print0(f"removed {len(stale)} temp file(s) of checkpoint writes that were cut short: {', '.join(stale)}")
     step, epoch, batch_in_epoch = 0, 0, 0
+    usage = torch.zeros(m.codebook_size, dtype=torch.long, device=device)
     path, state = load_resume_state(ckpt, t.resume, device) if t.resume else (None, None)
     if t.resume == "auto" and path is None:
         print0(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
     if state is not None:
-        try:
-            raw_model.load_state_dict(state["model"])
-            raw_disc.load_state_dict(state["discriminator"])
-            for opt, key in ((opt_g, "opt_g"), (opt_d, "opt_d")):
-                load_optimizer_state(opt, state[key])
-        except (RuntimeError, ValueError, KeyError) as e:
-            changed = config_changes(state.get("config"), config_to_dict(cfg), sections=("model",))
-            why = f"its model settings differ: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
-            raise ConfigError(f"cannot resume from {path}: the weights do not fit this run's model ({why})") from e
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        changed = config_changes(state.get("config"), config_to_dict(cfg))
-        if changed:
-            print0(f"warning: resuming {path} with changed settings ({'; '.join(changed)}): the run continues "
-                   "but does not repeat the uninterrupted one")
-        saved_world = int(state.get("world_size", world))
-        saved_batch = int(state.get("config", {}).get("train", {}).get("batch_size", t.batch_size))
-        if (saved_world, saved_batch) != (world, t.batch_size):
-            # Keep the position in the epoch in images, not batches: continue at the first global batch
-            # of the new size not fully seen (at most one batch of images is seen twice).
-            seen = batch_in_epoch * saved_world * saved_batch
-            batch_in_epoch = seen // (world * t.batch_size)
-            if batch_in_epoch >= sampler.batches_per_epoch():
-                epoch, batch_in_epoch = epoch + 1, 0
-            print0(f"warning: {path} was written by {saved_world} process(es) x batch {saved_batch}, this run "
-                   f"has {world} x {t.batch_size}: it continues at step {step} after {seen} images of epoch "
-                   f"{state['epoch']}, but its data order differs from an uninterrupted run")
-        print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        if step >= t.steps:
-            print0(f"{path} is at step {step}, at or past --steps {t.steps}: nothing to train (no checkpoint written)")
-            if world > 1:
-                dist.barrier()
-                dist.destroy_process_group()
+        step, epoch, batch_in_epoch = resume_from(state, path, cfg, raw_model, raw_disc, opt_g, opt_d, sampler,
+                                                  world)
+        if "code_usage" in state and state["code_usage"].shape == usage.shape:
+            usage.copy_(state["code_usage"])
+        if step >= t.steps and has_summary(metrics_path, step):
+            print0(f"{path} is at step {step}, at or past --steps {t.steps}, and its summary is written: nothing to "
+                   "train (no file written)")
             return {"step": step, "nothing_to_train": True, "rank": rank}
     start_step = step
     if world > 1:
-        dist.barrier()  # every rank has read its checkpoint before rank 0 moves any aside
+        with watch.collective("the start-up barrier"):
+            dist.barrier()  # every rank has read its checkpoint before rank 0 moves any aside
     if is_main:
         # checkpoints of another run (or of steps after the one resumed from) are moved aside, not overwritten
         # or pruned: keep_last only ever removes this run's older checkpoints
         moved = ckpt.archive(after_step=step if state is not None else -1)
         if moved is not None:
-            metrics_path = os.path.join(out_dir, "metrics.jsonl")
             if state is None and os.path.exists(metrics_path):
                 os.replace(metrics_path, os.path.join(moved, "metrics.jsonl"))
             what = f"after step {step}" if state is not None else "of an earlier run"
             print0(f"warning: {ckpt.dir} held checkpoints {what}; moved them to {moved} (--resume auto continues "
                    "the latest run in a folder)")
+        if state is not None:
+            dropped = trim_metrics(metrics_path, step)
+            if dropped:
+                print0(f"metrics.jsonl: dropped {dropped} row(s) logged after step {step} by the interrupted run")
     if t.compile:
         model = compile_model(model, t.compile_scope)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        # Every parameter gets a gradient in the normal setups (without text losses the heads are not built);
-        # train.find_unused_parameters=true is for experiments that leave a part idle.
-        model = DDP(model, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
-        ddp_disc = DDP(raw_disc, device_ids=ids)
+        with watch.collective("the DDP start-up broadcast"):
+            # Every parameter gets a gradient in the normal setups (without text losses the heads are not built);
+            # train.find_unused_parameters=true is for experiments that leave a part idle.
+            model = DDP(model, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
+            ddp_disc = DDP(raw_disc, device_ids=ids)
     else:
         ddp_disc = raw_disc
     disc_swap = DiscSwap(loss_mod, raw_disc, ddp_disc)
@@ -396,15 +423,14 @@ def train(cfg):
            f"{'on' if m.use_text_losses else 'off'}{', step captured in a CUDA graph' if t.cuda_graph else ''}"
            f"{', channels_last' if t.channels_last else ''}, start-up {time.perf_counter() - t0:.1f}s")
     print0(f"val PSNR at step {step}: {psnr_start:.2f} dB")
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=is_main)
+    metrics = MetricsLog(metrics_path, enabled=is_main)
     if is_main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config_to_dict(cfg), f, indent=2)
-    usage = torch.zeros(m.codebook_size, dtype=torch.long, device=device)
     window = {"usage": torch.zeros_like(usage), "n": 0, "sums": {}, "t": time.perf_counter()}
     skipped = 0
     progress = None
-    if is_main and t.progress:
+    if is_main and t.progress and step < t.steps:
         from tqdm import tqdm
 
         progress = tqdm(total=t.steps, initial=step, dynamic_ncols=True, mininterval=1.0)
@@ -415,15 +441,18 @@ def train(cfg):
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_finite_check = step
 
+    def diverged(what):
+        if progress is not None:
+            progress.close()
+        good = ckpt.latest_good() if is_main else None
+        return Diverged(f"training diverged: {what}; no checkpoint was written after it (latest good one: "
+                        f"{good or 'none'}). Lower the learning rate (--lr) or resume from that checkpoint with "
+                        "--resume auto.")
+
     def raise_if_nonfinite():
         nonlocal last_finite_check
         if bool(nonfinite.item()):
-            if progress is not None:
-                progress.close()
-            raise FloatingPointError(
-                f"training diverged: a loss became NaN or inf between step {last_finite_check + 1} and step "
-                f"{step}; no checkpoint was written after it (latest good one: {ckpt.latest() or 'none'}). "
-                "Lower the learning rate (--lr) or resume from that checkpoint with --resume auto.")
+            raise diverged(f"a loss became NaN or inf between step {last_finite_check + 1} and step {step}")
         last_finite_check = step
 
     def save(reason):
@@ -432,13 +461,32 @@ def train(cfg):
             "model": raw_model.state_dict(), "discriminator": raw_disc.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "config": config_to_dict(cfg), "world_size": world,
+            "code_usage": usage,
         }
-        state["rng"] = gather_rng(device, world)
+        # a loss can be finite while the update it drove left NaN weights or moments (a corrupt Adam state):
+        # check the whole state, one reduction per dtype and one host read
+        bad = nonfinite_entries({k: state[k] for k in ("model", "discriminator", "opt_g", "opt_d")})
+        if bad:
+            raise diverged(f"the model or optimizer state is not finite after step {step} ({', '.join(bad)})")
+        with watch.collective(f"the RNG gather of the step-{step} checkpoint"):
+            state["rng"] = gather_rng(device, world)
+        failure = None
         if is_main:
-            path = ckpt.save(state, step)
-            print0(f"checkpoint ({reason}): {path}")
+            try:
+                path = ckpt.save(state, step)
+                print0(f"checkpoint ({reason}): {path}")
+            except CheckpointWriteError as e:
+                failure = e
         if world > 1:
-            dist.barrier()
+            with watch.collective(f"the step-{step} checkpoint barrier"):
+                flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+                dist.all_reduce(flag)
+            if failure is None and flag.item() > 0:
+                failure = CheckpointWriteError(f"rank 0 could not write the step-{step} checkpoint")
+        if failure is not None:
+            if progress is not None:
+                progress.close()
+            raise failure
 
     model.train()
     loss_mod.train()
@@ -453,11 +501,13 @@ def train(cfg):
             # what one step draws cannot shift the next, so a run with the text losses at weight 0 trains the
             # tokenizer bit-identically to --no-text-losses, and resume needs no RNG state to be exact.
             torch.manual_seed(mix_seed(t.seed, rank, step))
-            if graphed is not None:
-                out, logs = graphed(x, batch["text"], step)
-            else:
-                out, logs = train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x,
-                                       batch["text"], step, autocast, m)
+            watch.step = step
+            with watch.collective(f"the gradient all-reduce of step {step + 1} (DDP)"):
+                if graphed is not None:
+                    out, logs = graphed(x, batch["text"], step)
+                else:
+                    out, logs = train_step(model, raw_model, loss_mod, disc_swap, opt_g, opt_d, text_encoder, x,
+                                           batch["text"], step, autocast, m)
             step += 1
             batch_in_epoch += 1
             with torch.no_grad():
@@ -497,9 +547,10 @@ def train(cfg):
                 psnr = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
                 metrics.write({"step": step, "val_psnr": psnr})
             if world > 1:
-                flag = torch.stack([torch.tensor(float(stop.stop), device=device), nonfinite.float()])
-                dist.all_reduce(flag)
-                stop.stop = bool(flag[0].item() > 0)
+                with watch.collective(f"the stop-flag all-reduce of step {step}"):
+                    flag = torch.stack([torch.tensor(float(stop.stop), device=device), nonfinite.float()])
+                    dist.all_reduce(flag)
+                    stop.stop = bool(flag[0].item() > 0)
                 nonfinite.fill_(bool(flag[1].item() > 0))
                 raise_if_nonfinite()
             if t.ckpt_every and step % t.ckpt_every == 0 and step < t.steps and not stop.stop:
@@ -510,7 +561,8 @@ def train(cfg):
             epoch, batch_in_epoch = epoch + 1, 0
     if progress is not None:
         progress.close()
-    save("signal" if stop.stop else "final")
+    if step > start_step:
+        save("signal" if stop.stop else "final")
     psnr_end = batch_psnr(reconstruct(raw_model, val_x, autocast), val_x)
     if is_main:
         save_recon_grid(val_x[:8], reconstruct(raw_model, val_x[:8], autocast),
@@ -520,7 +572,8 @@ def train(cfg):
         print0(f"skipped bad samples: {getattr(train_ds, 'skipped', 0)} at build time, {skipped} while reading")
     summary = {"step": step, "val_psnr_start": psnr_start, "val_psnr_end": psnr_end,
                "codebook_usage_total": float((usage > 0).float().mean()), "wall_s": time.perf_counter() - t0,
-               "stopped_by_signal": stop.stop, "rank": rank, "model_sha256": state_sha256(raw_model.state_dict())}
+               "stopped_by_signal": stop.stop, "signal": stop.signum, "rank": rank,
+               "model_sha256": state_sha256(raw_model.state_dict())}
     if graphed is not None:
         summary["cuda_graph"] = {"captures": graphed.captures, "replays": graphed.replays}
         if graphed.capture_error is not None:
@@ -531,9 +584,42 @@ def train(cfg):
            f"codebook usage {summary['codebook_usage_total']:.2f}; total {summary['wall_s']:.1f}s")
     metrics.close()
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        with watch.collective("the end-of-run barrier"):
+            dist.barrier()
     return summary
+
+
+def resume_from(state, path, cfg, raw_model, raw_disc, opt_g, opt_d, sampler, world):
+    """Load a checkpoint's weights and optimizer moments; returns (step, epoch, batch_in_epoch) to continue at."""
+    t = cfg.train
+    try:
+        raw_model.load_state_dict(state["model"])
+        raw_disc.load_state_dict(state["discriminator"])
+        for opt, key in ((opt_g, "opt_g"), (opt_d, "opt_d")):
+            load_optimizer_state(opt, state[key])
+    except (RuntimeError, ValueError, KeyError) as e:
+        changed = config_changes(state.get("config"), config_to_dict(cfg), sections=("model",))
+        why = f"its model settings differ: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"cannot resume from {path}: the weights do not fit this run's model ({why})") from e
+    step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    changed = config_changes(state.get("config"), config_to_dict(cfg))
+    if changed:
+        print0(f"warning: resuming {path} with changed settings ({'; '.join(changed)}): the run continues "
+               "but does not repeat the uninterrupted one")
+    saved_world = int(state.get("world_size", world))
+    saved_batch = int(state.get("config", {}).get("train", {}).get("batch_size", t.batch_size))
+    if (saved_world, saved_batch) != (world, t.batch_size):
+        # Keep the position in the epoch in images, not batches: continue at the first global batch
+        # of the new size not fully seen (at most one batch of images is seen twice).
+        seen = batch_in_epoch * saved_world * saved_batch
+        batch_in_epoch = seen // (world * t.batch_size)
+        if batch_in_epoch >= sampler.batches_per_epoch():
+            epoch, batch_in_epoch = epoch + 1, 0
+        print0(f"warning: {path} was written by {saved_world} process(es) x batch {saved_batch}, this run "
+               f"has {world} x {t.batch_size}: it continues at step {step} after {seen} images of epoch "
+               f"{state['epoch']}, but its data order differs from an uninterrupted run")
+    print0(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    return step, epoch, batch_in_epoch
 
 
 def state_sha256(state_dict):
@@ -564,22 +650,23 @@ def gather_rng(device, world):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="tiny-cpu", help="preset: tiny-cpu (default), celebahq, cub, coco, ...")
+    p.add_argument("--config", default="tiny-cpu", help="preset: " + ", ".join(PRESETS) + " (default tiny-cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set model.codebook_size=512 --set train.log_every=5")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--out")
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--eval-every", type=int)
+    p.add_argument("--steps", type=int, help="total optimizer steps of the run (train.steps)")
+    p.add_argument("--batch-size", type=int, help="images per step per process (train.batch_size)")
+    p.add_argument("--lr", type=float, help="Adam learning rate of both networks (train.lr; default base_lr x batch x processes)")
+    p.add_argument("--out", help="output folder: checkpoints, samples, metrics (train.out; default runs/<preset>)")
+    p.add_argument("--ckpt-every", type=int, help="write a checkpoint every N steps, 0 = only at the end")
+    p.add_argument("--sample-every", type=int, help="save a reconstruction grid every N steps, 0 = only at the end")
+    p.add_argument("--eval-every", type=int, help="validation PSNR every N steps, 0 = only at start and end")
     p.add_argument("--resume", help="checkpoint path, or 'auto' for the latest in the output folder")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the model init, data order and every step's draws")
     p.add_argument("--no-text-losses", action="store_true", help="baseline: train without the LG-VQ text losses")
-    p.add_argument("--skip-bad-samples", action="store_true")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip and count unreadable images or captions instead of stopping")
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank (data.num_workers)")
+    p.add_argument("--device", help="auto (default: cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"), default=None,
                    help="torch.compile the model (before the DDP wrap): the whole model as one graph (default), or "
                         "each VQGAN block on its own ('--compile blocks': compiles faster)")
@@ -587,7 +674,7 @@ def parse_args(argv=None):
     p.add_argument("--image-dir", help="COCO image folder")
     p.add_argument("--annotations", help="COCO captions annotation JSON")
     p.add_argument("--text-encoder", help="minilm (default), tiny-random, or a local model folder (e.g. CLIP)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (log lines only)")
     return p.parse_args(argv)
 
 
@@ -598,8 +685,14 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """``main`` for the command line (one-line errors for bad configurations and missing files)."""
-    return run_cli(main, "train.py", argv)
+    """``main`` for the command line: one-line errors and an exit status per ending (``training/errors.py``)."""
+    summary = run_cli(main, "train.py", argv)
+    if summary and summary.get("stopped_by_signal"):
+        name = signal.Signals(summary["signal"]).name
+        print0(f"stopped by {name} at step {summary['step']} after writing a checkpoint: continue with --resume auto "
+               f"(exit status {signal_status(summary['signal'])})")
+        sys.exit(signal_status(summary["signal"]))
+    return summary
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms (the shapes are fixed)
     find_unused_parameters: bool = False
     progress: bool = True
+    # seconds a collective may wait for the other ranks before the run stops naming the stalled one;
+    # 0: 300 with gloo (CPU), 900 with NCCL
+    dist_timeout: float = 0
 
 
 @dataclass
@@ -216,8 +219,24 @@ def validate_config(cfg):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{name} must be an integer >= 0 (0 turns it off), got {value!r}")
     for name, value in {"train.lr": t.lr, "train.base_lr": t.base_lr}.items():
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        # Adam moves each weight by about lr per step: above 1 no run can train (1e39 overflowed at step 1)
+        if value is not None and not (_number(value) and 0 < value <= 1):
+            raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    weights = {f"model.{k}": getattr(m, k) for k in ("commitment_weight", "w_gsa", "w_mtp", "w_ras",
+                                                      "perceptual_weight", "disc_weight", "disc_factor",
+                                                      "codebook_weight", "label_smoothing", "dropout",
+                                                      "mtp_dropout")}
+    for name, value in weights.items():
+        if not (_number(value) and 0 <= value <= 1e4):
+            raise ConfigError(f"{name} must be a finite number in [0, 1e4], got {value!r}")
+    for name in ("model.label_smoothing", "model.dropout", "model.mtp_dropout"):
+        if weights[name] >= 1:
+            raise ConfigError(f"{name} must be below 1, got {weights[name]!r}")
+    if not (_number(m.decay) and 0 <= m.decay < 1):
+        raise ConfigError(f"model.decay must be a number in [0, 1), got {m.decay!r}")
+    if not (_number(t.dist_timeout) and 0 <= t.dist_timeout <= 86400):
+        raise ConfigError(f"train.dist_timeout must be seconds in [0, 86400] (0: 300 with gloo, 900 with NCCL), got "
+                          f"{t.dist_timeout!r}")
     if t.compile_scope not in ("model", "blocks"):
         raise ConfigError(f"train.compile_scope (--compile SCOPE) must be model or blocks, got {t.compile_scope!r}")
     for name in AUTO_BOOL:
@@ -275,6 +294,10 @@ def validate_config(cfg):
     if m.resolution % factor:
         raise ConfigError(f"model.resolution {m.resolution} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
                           f"(ch_mult {tuple(m.ch_mult)})")
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _host_read(m):

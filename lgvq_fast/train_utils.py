@@ -1,6 +1,5 @@
-"""Helpers of the training loop: rank-0 printing, atomic checkpoints, RNG capture, metrics, PSNR."""
+"""Helpers of the training loop: rank-0 printing, RNG capture, metrics, PSNR (checkpoints: ``training.checkpoint``)."""
 import contextlib
-import glob
 import json
 import os
 import random
@@ -25,16 +24,30 @@ def run_cli(main, prog, argv=None):
     """Run ``main(argv)`` for the command line: a bad configuration, a missing or unreadable file (data folder,
     image, caption file, text encoder folder, checkpoint) or a bad value -- every ``ValueError`` and ``OSError``,
     whose messages name the culprit -- is printed as one ``<prog>: error:`` line with exit status 2 instead of a
-    traceback; set ``LGVQ_TRACEBACK=1`` to see the traceback. Every other exception propagates unchanged."""
+    traceback; the run's own endings (``lgvq_fast.training.errors.RunError``: divergence, a busy output folder, a
+    stalled peer, a checkpoint that cannot be written) as one line with their own status. Set ``LGVQ_TRACEBACK=1``
+    to see the traceback. Every other exception propagates unchanged (status 1)."""
     from lgvq_fast._backend import env_flag
+    from lgvq_fast.training.errors import RunError
 
     try:
         return main(argv)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+    except (RunError, ValueError, OSError) as e:  # ConfigError is a ValueError
         if env_flag("LGVQ_TRACEBACK"):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"{prog}: error: {one_line_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(e.status if isinstance(e, RunError) else 2)
+
+
+def one_line_error(error):
+    """The message of ``error`` on one line. An exception re-raised from a DataLoader worker carries the worker's
+    whole traceback ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."): keep only its
+    last line, the cause, without the exception's type."""
+    msg = str(error)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        msg = re.sub(r"^[\w.]+(Error|Exception|Warning)?: ", "", last.strip())
+    return " ".join(msg.split())
 
 
 def place_models(device, channels_last, text_encoder, model, loss_mod):
@@ -69,88 +82,6 @@ def restore_rng(state, device):
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-class CheckpointIO:
-    """``out/checkpoints/step_<7-digit step>.pt``, written to a temp file in the same folder and renamed.
-
-    ``os.replace`` is atomic on POSIX, so a crash while saving leaves the previous checkpoints intact and
-    never a partial file under a checkpoint name. ``keep_last`` prunes only checkpoints older than the one just
-    written; checkpoints of another run (a fresh start in a used folder, or the later steps of a run resumed
-    from an earlier checkpoint) are first moved aside by :meth:`archive`, never deleted.
-    """
-
-    pattern = re.compile(r"step_(\d+)\.pt$")
-
-    def __init__(self, out_dir, keep_last=3):
-        self.dir = os.path.join(out_dir, "checkpoints")
-        self.keep_last = keep_last
-
-    def path(self, step):
-        return os.path.join(self.dir, f"step_{step:07d}.pt")
-
-    def _steps(self):
-        found = []
-        for p in glob.glob(os.path.join(self.dir, "step_*.pt")):
-            m = self.pattern.search(p)
-            if m:
-                found.append((int(m.group(1)), p))
-        return sorted(found)
-
-    def all(self):
-        return [p for _, p in self._steps()]
-
-    def latest(self):
-        paths = self.all()
-        return paths[-1] if paths else None
-
-    def archive(self, after_step=-1):
-        """Move the checkpoints of steps above ``after_step`` (all by default) into a new ``earlier_<k>/``
-        subfolder of the checkpoint folder. Returns that folder, or None when there was nothing to move."""
-        moving = [p for s, p in self._steps() if s > after_step]
-        if not moving:
-            return None
-        k = 1
-        while os.path.exists(os.path.join(self.dir, f"earlier_{k}")):
-            k += 1
-        dest = os.path.join(self.dir, f"earlier_{k}")
-        os.makedirs(dest)
-        for p in moving:
-            os.replace(p, os.path.join(dest, os.path.basename(p)))
-        return dest
-
-    def save(self, state, step):
-        os.makedirs(self.dir, exist_ok=True)
-        path = self.path(step)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if self.keep_last:
-            older = [p for s, p in self._steps() if s < step]
-            for old in older[:max(0, len(older) - (self.keep_last - 1))]:
-                os.remove(old)
-        return path
-
-    @staticmethod
-    def load(path, device="cpu"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            # weights_only=False: the checkpoint holds RNG states and the config (plain Python objects we wrote)
-            state = torch.load(path, map_location=device, weights_only=False)
-        except Exception as e:  # truncated or foreign file: name it
-            raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-        if not isinstance(state, dict) or "model" not in state or "step" not in state:
-            raise ValueError(f"cannot read checkpoint {path}: not a lgvq_fast training checkpoint (no 'model' and "
-                             "'step' entries)")
-        return state
 
 
 class DiscSwap:

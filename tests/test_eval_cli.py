@@ -8,7 +8,7 @@ from PIL import Image
 
 from lgvq_fast import eval as eval_mod
 from lgvq_fast import train as train_mod
-from lgvq_fast.train_utils import CheckpointIO
+from lgvq_fast.training.checkpoint import CheckpointIO, payload_digest
 
 from _tiny_run import TINY  # the tiny model of tests/test_train.py (tests/ is on sys.path)
 
@@ -31,10 +31,11 @@ def ckpt(tmp_path_factory):
 
 
 def _variant(ckpt, path, model=None, data=None):
-    """A copy of ``ckpt`` with some of its stored model / data settings changed."""
+    """A copy of ``ckpt`` with some of its stored model / data settings changed (and a checksum that fits)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     state["config"]["model"].update(model or {})
     state["config"]["data"].update(data or {})
+    state["checksum"] = payload_digest({k: v for k, v in state.items() if k != "checksum"})
     torch.save(state, path)
     return str(path)
 

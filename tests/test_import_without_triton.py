@@ -114,7 +114,6 @@ def _missing_siblings():
 def _run(body):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-c", BLOCKER + body], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
