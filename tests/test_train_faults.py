@@ -369,3 +369,28 @@ def test_eval_writes_valid_json_and_fails_on_nonfinite_metrics(tmp_path, monkeyp
     with pytest.raises(SystemExit) as info:
         eval_mod.cli(["--ckpt", ckpt, "--max-batches", "1", "--no-progress"])
     assert info.value.code == 2 and "non-finite" in capsys.readouterr().err
+
+
+def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    steps = 8
+    args = [sys.executable, TRAIN, *TINY, "--steps", str(steps), "--seed", "5", "--set", "train.log_every=1"]
+    # every run in a subprocess with the same environment (thread count included): same arithmetic
+    subprocess.run(args + ["--out", str(full)], cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
+    proc = _popen(args + ["--out", str(part), "--ckpt-every", "2"])
+    try:
+        _wait_for(lambda: (part / "checkpoints" / "step_0000004.pt").exists(), [proc], what="the step-4 checkpoint")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    resumed = subprocess.run(args + ["--out", str(part), "--resume", "auto"], cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "took over the lock" in resumed.stdout
+    sha = lambda out: [r["summary"]["model_sha256"] for r in _rows(out) if "summary" in r]  # noqa: E731
+    assert sha(part) == sha(full) and len(sha(full)) == 1
+    logged = [r["step"] for r in _rows(part) if "l1" in r]
+    assert logged == list(range(1, steps + 1))
+    assert not list((part / "checkpoints").glob("*.tmp*"))
