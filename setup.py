@@ -27,6 +27,7 @@ PACKAGES = [
     "lgvq_fast.models",
     "lgvq_fast.data",
     "lgvq_fast.training",
+    "lgvq_fast.compat",
     "lgvq_fast.kernels",
 ]
 

@@ -49,11 +49,17 @@ class VectorQuantizer(CodeLookup, nn.Module):
             normalised code and the losses compare normalised vectors.
         ema_update: keep the codebook as EMA buffers updated by
             ``ops.ema_update_`` in training mode, instead of a learned parameter.
-        decay, eps: EMA decay and Laplace-smoothing epsilon.
-        threshold_ema_dead_code: with ``ema_update``, after each training step every
-            code whose ``cluster_size`` is below this value is replaced by a random
-            row of the current batch; its ``cluster_size`` is reset to the threshold
-            and its ``embed_avg`` to ``new_code * threshold``. 0 disables it.
+        decay, eps: EMA decay (default 0.99) and Laplace-smoothing epsilon (default
+            1e-5). They only exist for the EMA codebook: passing either with
+            ``ema_update=False`` raises ValueError (a learned codebook would ignore them).
+        threshold_ema_dead_code: with ``ema_update``, after each training step the
+            codes whose ``cluster_size`` is below this value are restarted from random
+            distinct rows of the current batch, one row per code: when the batch has
+            fewer distinct rows than there are dead codes, a random subset of the dead
+            codes (as many as there are distinct rows) is restarted and the others wait
+            for a later batch. A restarted code's ``cluster_size`` is reset to the
+            threshold and its ``embed_avg`` to ``new_code * threshold``. 0 disables it.
+            The restart reads the number of dead codes on the host (a sync per step).
         channel_last: input ``[..., D]`` (True) or channel-first ``[B, D, ...]``
             (False, any rank >= 2, e.g. ``[B, D, H, W]``). Outputs use the same layout;
             ``indices`` has the input shape without the channel dim.
@@ -73,9 +79,12 @@ class VectorQuantizer(CodeLookup, nn.Module):
 
     Codebook:
         ``embed [K, D]`` fp32. Without EMA it is an ``nn.Parameter`` initialised
-        U(-1/K, 1/K) like taming-transformers. With EMA it is a buffer initialised
-        like vector-quantize-pytorch (``kaiming_uniform_``, i.e. U(-sqrt(6/D),
-        sqrt(6/D))) with buffers ``embed_avg = embed.clone()`` and
+        U(-1/K, 1/K) like taming-transformers. With EMA it is a buffer initialised by
+        ``kaiming_uniform_`` over ``[K, D]``, i.e. U(-sqrt(6/D), sqrt(6/D)).
+        vector-quantize-pytorch applies ``kaiming_uniform_`` to a ``[1, K, D]`` tensor,
+        whose fan-in is K*D: U(-sqrt(6/(K*D)), sqrt(6/(K*D))), sqrt(K) times narrower
+        (``lgvq_fast.compat.VectorQuantize`` reproduces that one). Beside it, buffers
+        ``embed_avg = embed.clone()`` and
         ``cluster_size = ones(K)``, so that ``embed == embed_avg / cluster_size``
         holds from the start and an unused code stays put instead of being divided
         by the tiny smoothed count of an all-zero ``cluster_size``.
@@ -105,8 +114,8 @@ class VectorQuantizer(CodeLookup, nn.Module):
         legacy=False,
         use_cosine_sim=False,
         ema_update=False,
-        decay=0.99,
-        eps=1e-5,
+        decay=None,
+        eps=None,
         threshold_ema_dead_code=0.0,
         channel_last=True,
         precision="exact",
@@ -118,6 +127,14 @@ class VectorQuantizer(CodeLookup, nn.Module):
         super().__init__()
         _check_sizes("VectorQuantizer", dim, codebook_size)
         _check_common("VectorQuantizer", commitment_weight, precision, impl)
+        for arg, value in (("decay", decay), ("eps", eps)):
+            if value is not None and not ema_update:
+                raise ValueError(
+                    f"VectorQuantizer: {arg}={value} only applies to the EMA codebook; pass ema_update=True, "
+                    f"or leave {arg} out for a learned codebook"
+                )
+        decay = 0.99 if decay is None else decay
+        eps = 1e-5 if eps is None else eps
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"VectorQuantizer: decay must be in [0, 1), got {decay}")
         if not float(eps) > 0.0:
@@ -217,14 +234,14 @@ class VectorQuantizer(CodeLookup, nn.Module):
         # cluster_size is identical on every rank under sync, so every rank takes the same branch
         if not bool(dead.any()):
             return
-        num_dead = int(dead.sum())
-        new = sample_rows(zf, num_dead, group, self.embed.dtype)
-        if new is None:
+        restart = sample_restarts(zf, dead.nonzero().squeeze(1), group, self.embed.dtype)
+        if restart is None:
             return
+        slots, new = restart
         thr = self.threshold_ema_dead_code
-        self.embed[dead] = new
-        self.cluster_size[dead] = thr
-        self.embed_avg[dead] = new * thr
+        self.embed[slots] = new
+        self.cluster_size[slots] = thr
+        self.embed_avg[slots] = new * thr
 
 
 def _check_sizes(name, dim, codebook_size):
@@ -331,21 +348,31 @@ def source_rank(n, group, device):
     return dist.get_global_rank(group, src), src == me
 
 
-def sample_rows(x, num, group, dtype):
-    """``num`` random rows of ``x [N, D]`` (without replacement when N >= num).
+def sample_restarts(x, slots, group, dtype):
+    """New codes for the dead-code ``slots`` (int64 ``[S]``, identical on every rank) from the rows of ``x [N, D]``.
 
-    Under ``group`` the rows come from :func:`source_rank` and are broadcast, so
-    every rank gets the same rows. Returns None when no rank has any row.
+    Returns ``(slots [k], rows [k, D])`` with ``k = min(S, distinct rows drawn)``: ``min(S, N)`` rows are
+    drawn without replacement and repeated values among them are dropped, so no two restarted codes get the
+    same vector. When ``k < S`` a random subset of the slots is restarted. Under ``group`` the draw is made on
+    :func:`source_rank` and broadcast, so every rank restarts the same codes with the same rows. Returns None
+    when no rank has any row.
     """
     source = source_rank(x.shape[0], group, x.device)
     if source is None:
         return None
     src, take = source
-    N = x.shape[0]
-    out = torch.empty(num, x.shape[1], dtype=dtype, device=x.device)
+    S, D = slots.shape[0], x.shape[1]
+    rows = torch.empty(S, D, dtype=dtype, device=x.device)
+    # the restarted slots, padded with -1 past k (so that the other ranks learn k from the broadcast)
+    chosen = torch.full((S,), -1, dtype=torch.int64, device=x.device)
     if take:
-        pick = torch.randperm(N, device=x.device)[:num] if N >= num else torch.randint(N, (num,), device=x.device)
-        out.copy_(x[pick])
+        pick = torch.randperm(x.shape[0], device=x.device)[:S]
+        distinct = torch.unique(x[pick].to(dtype), dim=0)
+        k = distinct.shape[0]
+        rows[:k] = distinct
+        chosen[:k] = slots if k == S else slots[torch.randperm(S, device=x.device)[:k]]
     if group is not None:
-        torch.distributed.broadcast(out, src=src, group=group)
-    return out
+        torch.distributed.broadcast(rows, src=src, group=group)
+        torch.distributed.broadcast(chosen, src=src, group=group)
+        k = int((chosen >= 0).sum())
+    return chosen[:k], rows[:k]

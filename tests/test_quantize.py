@@ -349,3 +349,53 @@ def test_cvq_probrandom_anchor_distribution_is_softmax_of_negated_distance():
     prob = torch.softmax(-(zd.double() - e[0].double()).pow(2).sum(1), 0)
     # 5 sigma of a binomial proportion over 4000 draws
     assert torch.all((freq - prob).abs() < 5 * (prob * (1 - prob) / 4000).sqrt() + 1e-3), (freq, prob)
+
+
+def test_vector_quantizer_decay_and_eps_belong_to_the_ema_codebook():
+    for arg, value in (("decay", 0.9), ("eps", 1e-3)):
+        with pytest.raises(ValueError, match=f"{arg}={value} only applies to the EMA codebook"):
+            VectorQuantizer(D, K, **{arg: value})
+        vq = VectorQuantizer(D, K, ema_update=True, **{arg: value})
+        assert getattr(vq, arg) == value
+    vq = VectorQuantizer(D, K, ema_update=True)
+    assert (vq.decay, vq.eps) == (0.99, 1e-5)
+
+
+def test_vector_quantizer_ema_initialisation_range():
+    # kaiming_uniform_ over [K, D]: U(-sqrt(6 / D), sqrt(6 / D)), as the class docstring says
+    vq = VectorQuantizer(D, 400, ema_update=True)
+    bound = (6.0 / D) ** 0.5
+    assert vq.embed.abs().max() <= bound and vq.embed.abs().max() > 0.95 * bound
+    assert torch.equal(vq.embed_avg, vq.embed) and torch.equal(vq.cluster_size, torch.ones(400))
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
+def test_vector_quantizer_dead_code_restart_never_duplicates_codes(cosine):
+    # cluster_size starts at 1: after one step with decay 0.5 every code not chosen is at 0.5 < 0.9 (dead)
+    Kbig, thr = 211, 0.9
+    vq = VectorQuantizer(D, Kbig, ema_update=True, decay=0.5, threshold_ema_dead_code=thr,
+                         use_cosine_sim=cosine).train()
+    rows = torch.randn(4, D)
+    # 19 rows, 4 distinct values: at most 4 codes may be restarted, each from a different row
+    z = rows[torch.randint(4, (19,))]
+    z[:4] = rows
+    before = vq.embed.clone()
+    _, indices, _ = vq(z)
+    used = torch.zeros(Kbig, dtype=torch.bool)
+    used[indices] = True
+    restarted = vq.cluster_size == thr
+    assert int(restarted.sum()) == 4 and not (restarted & used).any()
+    new = vq.embed[restarted]
+    source = F.normalize(rows, dim=-1) if cosine else rows
+    match = (new[:, None, :] == source[None]).all(-1)
+    assert match.any(1).all() and torch.equal(match.sum(0), torch.ones(4, dtype=torch.long))
+    torch.testing.assert_close(vq.embed_avg[restarted], new * thr)
+    # the other dead codes wait for a later batch: only the EMA's Laplace smoothing moves them (by ~1e-5)
+    waiting = ~used & ~restarted
+    assert int(waiting.sum()) == Kbig - int(used.sum()) - 4 and (vq.cluster_size[waiting] < thr).all()
+    torch.testing.assert_close(vq.embed[waiting], before[waiting], rtol=1e-4, atol=1e-6)
+    # a batch with as many distinct rows as dead codes restarts them all, with distinct codes
+    z = torch.randn(300, D)
+    vq(z)
+    assert not (vq.cluster_size < thr).any()
+    assert torch.unique(vq.embed, dim=0).shape[0] == Kbig

@@ -142,9 +142,11 @@ def _build_quantizer(cfg: LGVQConfig) -> nn.Module:
     if cfg.quantizer == "vq":
         from lgvq_fast.quantize import VectorQuantizer
 
+        # decay belongs to the EMA codebook: VectorQuantizer refuses it with ema_update=False
+        ema = {"decay": cfg.decay} if cfg.ema_update else {}
         return VectorQuantizer(cfg.embed_dim, cfg.codebook_size, commitment_weight=cfg.commitment_weight,
                                legacy=cfg.legacy, use_cosine_sim=cfg.use_cosine_sim, ema_update=cfg.ema_update,
-                               decay=cfg.decay, channel_last=True, **cfg.quantizer_kwargs)
+                               channel_last=True, **ema, **cfg.quantizer_kwargs)
     if cfg.quantizer == "cvq":
         from lgvq_fast.quantize_cvq import CVQVectorQuantizer
 
