@@ -43,6 +43,7 @@ stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-
 stage train_step 90 python3 bench/train_step.py
 stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py
+stage quantizer 60 python3 bench/quantizer.py
 stage relation 45 python3 bench/relation.py
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 60 python3 bench/lpips.py

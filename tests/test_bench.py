@@ -89,3 +89,40 @@ def test_cuda_graph_arm_needs_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         ts.main()
     assert exc.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_quantizer_bench_checks_every_row_against_float64(monkeypatch):
+    """bench/quantizer.py runs (CPU, Triton interpreted: no results written), every row passes its float64 check,
+    and the check fails a row whose indices or codebook are wrong."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "quantizer.py"), "--shape", "512x48x12"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "n/a (wrong)" not in proc.stdout and "no results written" in proc.stdout, proc.stdout
+    assert "VectorQuantizer" in proc.stdout and "compat" in proc.stdout
+
+    monkeypatch.syspath_prepend(BENCH)
+    qb = importlib.import_module("quantizer")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    D, K = 12, 48
+    name, module, codebook_of = qb._arms(D, K, torch.device("cpu"))[-1]
+    x = torch.randn(qb.BATCH, 40, D)
+    state = (module.embed.clone(), module.embed_avg.clone(), module.cluster_size.clone())
+    assert qb._check(name, module, codebook_of, x, *state) == (0.0, pytest.approx(0.0, abs=qb.CODEBOOK_TOL))
+    _, err = qb._check(name, module, lambda m: m.embed + 0.01, x, *state)
+    assert err > qb.CODEBOOK_TOL
+
+    class ShiftedIndices(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            q, idx, loss = self.inner(x)
+            return q, (idx + 1) % K, loss
+
+    mismatch, _ = qb._check(name, ShiftedIndices(module), lambda m: m.inner.embed, x, *state)
+    assert mismatch > 0.5
