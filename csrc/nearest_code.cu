@@ -6,6 +6,15 @@
 // block keeps 64 rows of z in shared memory and streams the codebook past them
 // in tiles of 64 codes, in increasing code order, keeping a running minimum.
 //
+// Non-finite values (the rule of lgvq_fast.ops.nearest_code): a score that is
+// not finite never wins -- the running minimum starts at +inf and takes a score
+// only if it is smaller and above -inf, so NaN, +inf and -inf all lose. A row
+// with no finite score (one holding NaN or inf, or every code excluded) keeps
+// index 0 and stores distance NaN. Cos norms come from two sums of squares, of x
+// and of x * 2^-64 (used where the first overflows), so norms of 1e19 and far
+// beyond normalise; a vector whose norm reaches 2^126 counts as non-finite
+// (staged as NaN).
+//
 // Precision. kFast rounds both operands to bf16 (one tensor-core product).
 // kExact splits each fp32 operand as x = hi + lo + r with bf16 hi, lo and
 // |r| <= 2^-18 |x|, and sums hi.hi + hi.lo + lo.hi (lo.lo <= 2^-18 |z||e| is
@@ -34,8 +43,48 @@ size_t mma_smem_bytes(int dp, bool exact) {
   return a + b + kBlockN * sizeof(float);
 }
 
-// One warp per code: ||e||^2 (fp32, from the fp32 codebook) and, when e_hi is
-// given, the bf16 pieces of e (or of e / max(||e||, eps) for cos), zero-padded
+__device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
+
+// A cos vector whose norm reaches 2^126 counts as non-finite.
+constexpr float kCosNormLimit = 8.507059173023462e37f;
+
+// 2^-64 and 2^64: a second sum of squares, of x * 2^-64, stands in where the
+// plain one overflows (||x|| >~ 1.8e19).
+constexpr float kTwoM64 = 5.421010862427522e-20f;
+constexpr float kTwoP64 = 1.8446744073709552e19f;
+
+// 1 / max(||x||, eps) from the two sums of squares, or NaN where ||x|| >= 2^126
+// (the rule: such a cos vector counts as non-finite). Below the limit the result
+// is a normal fp32 (>= 2^-126), so x * inv never meets a subnormal and |x * inv| <= 1.
+__device__ __forceinline__ float cos_inv_norm(float sq, float sq_lo, float eps) {
+  // A NaN sq (a row holding NaN) takes the second branch and stays NaN.
+  const float norm = sq < pos_inf() ? sqrtf(sq) : sqrtf(sq_lo) * kTwoP64;
+  return norm >= kCosNormLimit ? quiet_nan() : 1.f / fmaxf(norm, eps);
+}
+
+// cos_inv_norm of one row, read by a whole warp in one pass.
+template <typename T>
+__device__ __forceinline__ float warp_cos_inv_norm(const T* __restrict__ x, int d, bool valid, int lane, float eps) {
+  float sq = 0.f, sq_lo = 0.f;
+  if (valid) {
+    for (int c = lane; c < d; c += 32) {
+      float v = to_float(x[c]);
+      sq = fmaf(v, v, sq);
+      v *= kTwoM64;
+      sq_lo = fmaf(v, v, sq_lo);
+    }
+  }
+  return cos_inv_norm(warp_sum(sq), warp_sum(sq_lo), eps);
+}
+
+// A candidate replaces the running best only if it is smaller and above -inf:
+// NaN, +inf (best starts at +inf) and -inf never win.
+__device__ __forceinline__ bool wins(float sc, float best) { return sc < best && sc > neg_inf(); }
+
+// One warp per code: ||e||^2 (l2) or inv = 1 / max(||e||, eps) (cos; NaN for a
+// code counted as non-finite), fp32 from the fp32 codebook, into e_norm2; and,
+// when e_hi is given, the bf16 pieces of e (or of e * inv for cos), zero-padded
 // to dp columns so the search kernel never reads past a row.
 __global__ void _codebook_prep_kernel(const float* __restrict__ e, int k_codes, int d, int dp, int metric, float eps,
                                       __nv_bfloat16* __restrict__ e_hi, __nv_bfloat16* __restrict__ e_lo,
@@ -44,15 +93,20 @@ __global__ void _codebook_prep_kernel(const float* __restrict__ e, int k_codes, 
   const int lane = threadIdx.x % 32;
   if (code >= k_codes) return;
   const float* er = e + static_cast<int64_t>(code) * d;
-  float sq = 0.f;
-  for (int c = lane; c < d; c += 32) sq = fmaf(er[c], er[c], sq);
-  sq = warp_sum(sq);
-  if (lane == 0) e_norm2[code] = sq;
+  float inv = 1.f;
+  if (metric == kCos) {
+    inv = warp_cos_inv_norm(er, d, true, lane, eps);
+    if (lane == 0) e_norm2[code] = inv;
+  } else {
+    float sq = 0.f;
+    for (int c = lane; c < d; c += 32) sq = fmaf(er[c], er[c], sq);
+    sq = warp_sum(sq);
+    if (lane == 0) e_norm2[code] = sq;
+  }
   if (e_hi == nullptr) return;
-  const float scale = metric == kCos ? 1.f / fmaxf(sqrtf(sq), eps) : 1.f;
   const int64_t base = static_cast<int64_t>(code) * dp;
   for (int c = lane; c < dp; c += 32) {
-    const float v = c < d ? er[c] * scale : 0.f;
+    const float v = c < d ? er[c] * inv : 0.f;
     __nv_bfloat16 hi, lo;
     split_bf16(v, hi, lo);
     e_hi[base + c] = hi;
@@ -91,18 +145,22 @@ __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
     const int64_t row = row0 + r;
     const bool valid = row < n_rows;
     const ZT* zr = z + (valid ? row : 0) * z_stride;
-    float sq = 0.f;
-    if (valid) {
-      for (int c = lane; c < d; c += 32) {
-        const float v = to_float(zr[c]);
-        sq = fmaf(v, v, sq);
+    float inv = 1.f;
+    if (metric == kCos) {
+      inv = warp_cos_inv_norm(zr, d, valid, lane, eps);
+    } else {
+      float sq = 0.f;
+      if (valid) {
+        for (int c = lane; c < d; c += 32) {
+          const float v = to_float(zr[c]);
+          sq = fmaf(v, v, sq);
+        }
       }
+      sq = warp_sum(sq);
+      if (lane == 0) z_sq[r] = sq;
     }
-    sq = warp_sum(sq);
-    if (lane == 0) z_sq[r] = sq;
-    const float scale = metric == kCos ? 1.f / fmaxf(sqrtf(sq), eps) : 1.f;
     for (int c = lane; c < dp; c += 32) {
-      const float v = (valid && c < d) ? to_float(zr[c]) * scale : 0.f;
+      const float v = (valid && c < d) ? to_float(zr[c]) * inv : 0.f;
       __nv_bfloat16 hi, lo;
       split_bf16(v, hi, lo);
       a_hi[r * as + c] = hi;
@@ -199,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float sc = c - 2.f * acc[j][h * 2 + q];
-            if (sc < best_v[h]) {
+            if (wins(sc, best_v[h])) {
               best_v[h] = sc;
               best_i[h] = code;
             }
@@ -230,9 +288,10 @@ __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
     const int r = arow + h * 8;
     const int64_t row = row0 + r;
     if (tig == 0 && row < n_rows) {
+      // No finite score: i is still 0 (best_i starts at 0 in every thread), the distance is NaN.
       indices[row] = i;
       const float dist = metric == kL2 ? z_sq[r] + v : 1.f + 0.5f * v;
-      distances[row] = clamp_dist(dist);
+      distances[row] = v < pos_inf() ? clamp_dist(dist) : quiet_nan();
     }
   }
 }
@@ -246,26 +305,40 @@ __global__ void _nearest_code_scalar_kernel(const ZT* __restrict__ z, int64_t n_
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n_rows) return;
   const ZT* zr = z + row * z_stride;
-  float zsq = 0.f;
+  const bool cos = metric == kCos;
+  // l2: zsq = ||z||^2. cos: zinv = cos_inv_norm of z.
+  float zsq = 0.f, zsq_lo = 0.f;
   for (int c = 0; c < d; ++c) {
-    const float v = to_float(zr[c]);
+    float v = to_float(zr[c]);
     zsq = fmaf(v, v, zsq);
+    v *= kTwoM64;
+    zsq_lo = fmaf(v, v, zsq_lo);
   }
-  const float zinv = 1.f / fmaxf(sqrtf(zsq), eps);
+  const float zinv = cos_inv_norm(zsq, zsq_lo, eps);
   float best = pos_inf();
   int best_k = 0;
   for (int k = 0; k < k_codes; ++k) {
     const float* er = e + static_cast<int64_t>(k) * d;
-    float dot = 0.f;
-    for (int c = 0; c < d; ++c) dot = fmaf(to_float(zr[c]), er[c], dot);
-    const float sc = metric == kL2 ? e_norm2[k] - 2.f * dot : -2.f * (dot * zinv / fmaxf(sqrtf(e_norm2[k]), eps));
-    if (sc < best) {
+    float sc;
+    if (cos) {
+      // e_norm2[k] holds the code's cos_inv_norm: the product of unit vectors cannot overflow.
+      const float einv = e_norm2[k];
+      float dot = 0.f;
+      for (int c = 0; c < d; ++c) dot = fmaf(to_float(zr[c]) * zinv, er[c] * einv, dot);
+      sc = -2.f * dot;
+    } else {
+      float dot = 0.f;
+      for (int c = 0; c < d; ++c) dot = fmaf(to_float(zr[c]), er[c], dot);
+      sc = e_norm2[k] - 2.f * dot;
+    }
+    if (wins(sc, best)) {
       best = sc;
       best_k = k;
     }
   }
   indices[row] = best_k;
-  distances[row] = clamp_dist(metric == kL2 ? zsq + best : 1.f + 0.5f * best);
+  const float dist = cos ? 1.f + 0.5f * best : zsq + best;
+  distances[row] = best < pos_inf() ? clamp_dist(dist) : quiet_nan();
 }
 
 template <typename ZT>

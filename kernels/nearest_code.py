@@ -10,12 +10,27 @@ the lowest index as in ``torch.argmin``.
 Scores:
 - l2: ``||e||^2 - 2 z.e`` (``||e||^2`` precomputed in fp32 by a small kernel);
   ``||z||^2`` is added only when the distance is stored, then clamped at 0.
-- cos: ``-(z.e) / max(||e||, eps)`` (the inverse norms precomputed the same
-  way); dividing by ``max(||z||, eps)`` does not change the argmin, so it
-  happens only when the distance ``1 - cos`` is stored.
+- cos: ``-(z . e_hat)`` with ``e_hat = e / max(||e||, eps)`` from a normalised
+  copy of the codebook (one small kernel, fp32 for exact, bf16 for fast);
+  dividing by ``max(||z||, eps)`` does not change the argmin, so it happens
+  only when the distance ``1 - cos`` is stored.
 
-The codebook is never copied: tiles are loaded in its own dtype and strides and
-converted in registers, so the extra memory is K floats plus the outputs.
+Norms for cos come from two sums of squares in one pass, of ``x`` and of
+``x * 2^-64``, the second used where the first overflows: norms of 1e19 and far
+beyond normalise correctly. A vector whose norm reaches 2^126 counts as
+non-finite (the op's rule): below that, ``|z . e_hat| <= ||z||`` keeps every
+partial sum of the product finite without scaling ``z`` in the K loop, and
+``1 / max(||x||, eps)`` is a normal fp32, the one row value the epilogue needs.
+
+Non-finite values (rule in ``lgvq_fast.ops.nearest_code``): a score that is not
+finite never wins -- one ``score > -inf`` select per score (NaN and -inf fail
+it; +inf never beats the running minimum, which starts at +inf; codes past K
+get ``e_aux = +inf`` and so score +inf or NaN). A row with no finite score keeps
+index 0 and stores distance NaN.
+
+For l2 the codebook is never copied: tiles are loaded in its own dtype and
+strides and converted in registers, so the extra memory is K floats plus the
+outputs; cos adds the K x D normalised copy (as the CUDA path's bf16 pieces).
 
 Precision: ``exact`` multiplies fp32 operands with ``input_precision="tf32x3"``
 (three TF32 products, about fp32 accuracy); ``fast`` multiplies bf16 operands
@@ -112,10 +127,36 @@ _LOOPED_D_CONFIGS = {(128, 128, 32, 8, 3), (128, 256, 16, 8, 3), (64, 128, 16, 4
                      (128, 64, 32, 8, 3)}
 
 
+# A cos vector whose norm reaches 2^126 counts as non-finite (lgvq_fast.ops.nearest_code's rule).
+COS_NORM_LIMIT = tl.constexpr(2.0**126)
+# A second sum of squares of x * 2^-64 stands in where the plain one overflows (||x|| >~ 1.8e19).
+_TWO_M64 = tl.constexpr(2.0**-64)
+_TWO_P64 = tl.constexpr(2.0**64)
+
+
 @triton.jit
-def _code_norms_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, IS_COS: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    """Per code, in fp32: ``||e||^2`` (l2) or ``1 / max(||e||, eps)`` (cos)."""
+def _inv_norms(row_ptrs, mask_r, stride_d, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row of ``x`` (row starts ``row_ptrs [BLOCK_R, 1]``): ``1 / max(||x||, eps)`` in one pass without
+    overflow, or NaN where ``||x|| >= 2^126``. Below that limit the result is a normal fp32 (>= 2^-126), so
+    ``x * inv`` never meets a subnormal and stays within [-1, 1]."""
+    offs_d = tl.arange(0, BLOCK_D)
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    sq_lo = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = (d0 + offs_d) < D
+        x = tl.load(row_ptrs + (d0 + offs_d)[None, :] * stride_d, mask=mask_r[:, None] & mask_d[None, :],
+                    other=0.0).to(tl.float32)
+        sq += tl.sum(x * x, axis=1)
+        x = x * _TWO_M64
+        sq_lo += tl.sum(x * x, axis=1)
+    # A NaN sq (a row holding NaN) takes the second branch and stays NaN.
+    norm = tl.where(sq < float("inf"), tl.sqrt_rn(sq), tl.sqrt_rn(sq_lo) * _TWO_P64)
+    return tl.where(norm >= COS_NORM_LIMIT, float("nan"), 1.0 / tl.maximum(norm, eps))
+
+
+@triton.jit
+def _code_norms_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per code, in fp32: ``||e||^2`` (l2). It overflows to +inf for ``||e|| >~ 1.8e19``: such a code never wins."""
     pid_k = tl.program_id(0)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -126,9 +167,25 @@ def _code_norms_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, IS_COS: 
         ptrs = e_ptr + offs_k[:, None] * stride_ek + (d0 + offs_d)[None, :] * stride_ed
         et = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         sq += tl.sum(et * et, axis=1)
-    if IS_COS:
-        sq = 1.0 / tl.maximum(tl.sqrt_rn(sq), eps)
     tl.store(out_ptr + offs_k, sq, mask=mask_k)
+
+
+@triton.jit
+def _code_normalize_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, BLOCK_K: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """``out [K, D]`` (contiguous, fp32 or bf16) = ``e / max(||e||, eps)``; NaN for a code whose norm reaches 2^126
+    (the rule: such a code counts as non-finite and never wins)."""
+    pid_k = tl.program_id(0)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    inv = _inv_norms(e_ptr + offs_k[:, None] * stride_ek, mask_k, stride_ed, D, eps, BLOCK_K, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        mask = mask_k[:, None] & ((d0 + offs_d) < D)[None, :]
+        x = tl.load(e_ptr + offs_k[:, None] * stride_ek + (d0 + offs_d)[None, :] * stride_ed, mask=mask,
+                    other=0.0).to(tl.float32)
+        x = x * inv[:, None]
+        tl.store(out_ptr + offs_k[:, None] * D + (d0 + offs_d)[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -218,13 +275,20 @@ def _nearest_code_fwd_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     z_rows = z_ptr + offs_n[:, None] * stride_zn
 
-    # ||z||^2 from the input values in fp32 (before any bf16 rounding of the operands).
-    z_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = (d0 + offs_d) < D
-        zt = tl.load(z_rows + (d0 + offs_d)[None, :] * stride_zd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        zt = zt.to(tl.float32)
-        z_sq += tl.sum(zt * zt, axis=1)
+    if IS_COS:
+        # 1 / max(||z||, eps) without overflow, NaN for a row at or beyond the 2^126 limit: one pass, one row
+        # vector live across the K loop (as z_sq for l2; a second pass here made sm_90 spill more).
+        z_inv = _inv_norms(z_rows, mask_n, stride_zd, D, eps, BLOCK_N, BLOCK_D)
+    else:
+        # ||z||^2 from the input values in fp32 (before any bf16 rounding of the operands); it may overflow to
+        # +inf, which is then the distance (the true one is beyond fp32 too).
+        z_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = (d0 + offs_d) < D
+            zt = tl.load(z_rows + (d0 + offs_d)[None, :] * stride_zd, mask=mask_n[:, None] & mask_d[None, :],
+                         other=0.0)
+            zt = zt.to(tl.float32)
+            z_sq += tl.sum(zt * zt, axis=1)
 
     if ONE_D_TILE:
         # D fits one chunk: keep the z tile in registers across all code tiles.
@@ -253,38 +317,66 @@ def _nearest_code_fwd_kernel(
                 )
                 zt = _operand(zt, FAST, EMULATE_BF16)
                 acc = _dot(zt, _operand(et, FAST, EMULATE_BF16), acc, FAST, SPLIT_BF16, EMULATE_BF16)
-        e_aux = tl.load(e_aux_ptr + offs_k, mask=mask_k, other=0.0)
+        # e_aux = ||e||^2 (l2) or 0 (cos: e is the normalised copy); +inf past K, so padding codes score +inf or
+        # NaN (cos: 0 * inf) and never win.
+        e_aux = tl.load(e_aux_ptr + offs_k, mask=mask_k, other=float("inf"))
         if IS_COS:
-            # e_aux = 1 / max(||e||, eps): the score is -z . e_hat.
-            score = -acc * e_aux[None, :]
+            # The score is -(z . e_hat); |z . e_hat| <= ||z|| < 2^126 for every row that is not excluded below.
+            score = e_aux[None, :] - acc
         else:
-            # e_aux = ||e||^2.
             score = e_aux[None, :] - 2.0 * acc
-        score = tl.where(mask_k[None, :], score, float("inf"))
+        # NaN and -inf become +inf, which never beats the running minimum: a score that is not finite never wins
+        # (and tl.min never sees a NaN, whose place in its reduction tree would decide the result).
+        score = tl.where(score > float("-inf"), score, float("inf"))
         tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_min < best
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
 
     if IS_COS:
-        dist = 1.0 + best / tl.maximum(tl.sqrt_rn(z_sq), eps)
+        # A row whose norm reaches 2^126 counts as non-finite (its products may have overflowed); a NaN z_inv
+        # from a row holding NaN has no finite score anyway.
+        too_big = z_inv != z_inv
+        best = tl.where(too_big, float("inf"), best)
+        best_idx = tl.where(too_big, 0, best_idx)
+        # cos = (z . e_hat) / max(||z||, eps), with |z . e_hat| <= ||z||.
+        dist = 1.0 + best * z_inv
     else:
         dist = z_sq + best
         # clamp the rounding below 0, but keep a NaN (tl.maximum would turn it into 0, an exact match)
         dist = tl.where(dist < 0.0, 0.0, dist)
+    # No finite score (a row holding NaN or inf, or every code excluded): index 0 (never moved), distance NaN.
+    dist = tl.where(best < float("inf"), dist, float("nan"))
     tl.store(idx_ptr + offs_n, best_idx, mask=mask_n)
     tl.store(dist_ptr + offs_n, dist, mask=mask_n)
 
 
+def _norm_blocks(D, block_k=64, max_block_d=128):
+    return block_k, min(max_block_d, max(16, triton.next_power_of_2(D)))
+
+
 def code_norms(codebook, metric):
-    """fp32 ``[K]``: ``||e||^2`` for l2, ``1 / max(||e||, eps)`` for cos (one launch, no codebook copy)."""
+    """fp32 ``[K]``: ``||e||^2`` for l2, zeros for cos (one launch, no codebook copy)."""
     K, D = codebook.shape
+    if metric == "cos":
+        return torch.zeros((K,), dtype=torch.float32, device=codebook.device)
     out = torch.empty((K,), dtype=torch.float32, device=codebook.device)
-    block_k = 64
-    block_d = min(128, max(16, triton.next_power_of_2(D)))
+    block_k, block_d = _norm_blocks(D)
     _code_norms_kernel[(triton.cdiv(K, block_k),)](
-        codebook, out, K, D, codebook.stride(0), codebook.stride(1), COS_EPS,
-        IS_COS=metric == "cos", BLOCK_K=block_k, BLOCK_D=block_d,
+        codebook, out, K, D, codebook.stride(0), codebook.stride(1), BLOCK_K=block_k, BLOCK_D=block_d,
+    )
+    return out
+
+
+def normalized_codebook(codebook, dtype):
+    """``codebook / max(||row||, eps)`` as a contiguous ``[K, D]`` copy in ``dtype``, overflow-free for any finite
+    row (see ``_inv_norms``); a row holding NaN or inf, or whose norm reaches 2^126, comes out with NaN."""
+    K, D = codebook.shape
+    out = torch.empty((K, D), dtype=dtype, device=codebook.device)
+    # Smaller tiles than code_norms: with BLOCK_K=64, BLOCK_D=128 a two-pass kernel like this spilled on sm_90.
+    block_k, block_d = _norm_blocks(D, 32, 64)
+    _code_normalize_kernel[(triton.cdiv(K, block_k),)](
+        codebook, out, K, D, codebook.stride(0), codebook.stride(1), COS_EPS, BLOCK_K=block_k, BLOCK_D=block_d,
     )
     return out
 
@@ -293,8 +385,9 @@ def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="t
     """Host launcher: ``z [N, D]`` and ``codebook [K, D]`` (any strides; fp32/bf16/fp16).
 
     Returns ``(indices int64 [N], distances fp32 [N])``. Arguments are assumed
-    validated by ``lgvq_fast.ops.nearest_code``. Extra memory is ``K`` floats:
-    the codebook is read in place and converted tile by tile inside the kernel.
+    validated by ``lgvq_fast.ops.nearest_code``. Extra memory is ``K`` floats for l2
+    (the codebook is read in place and converted tile by tile inside the kernel);
+    cos adds a normalised ``[K, D]`` copy, fp32 for exact and bf16 for fast.
 
     ``exact_split`` picks the exact-mode product: ``"tf32x3"`` (default, about
     fp32 accuracy) or ``"bf16x3"`` (hi/lo bf16 parts, about 16 significant bits,
@@ -311,6 +404,10 @@ def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="t
     if N == 0:
         return indices, distances
     e_aux = code_norms(codebook, metric)
+    if metric == "cos":
+        # Normalised once (K x D, as the CUDA path's bf16 pieces): the search then multiplies unit codes, with
+        # no per-tile scaling of the codebook operand (bf16 is all that the fast product reads).
+        codebook = normalized_codebook(codebook, torch.bfloat16 if precision == "fast" else torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel, extra = _nearest_code_fwd_kernel, {}
     if config is not None:

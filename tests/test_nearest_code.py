@@ -150,30 +150,212 @@ def test_nearest_code_zero_vectors_cos(impl):
     _check_against_float64(z, codebook, indices, distances, "cos", "exact")
 
 
+# ---- Non-finite values and overflow: the rule of lgvq_fast.ops.nearest_code, injected fault by fault. ----
+
+FP32_MAX = torch.finfo(torch.float32).max
+COS_NORM_LIMIT = 2.0**126
+
+
+def _rule_oracle(z2d, codebook, metric):
+    """What the rule demands, from float64: rows and codes that count as non-finite, and the rows whose fp32
+    ``||z||^2`` overflows (l2 distance +inf). Test inputs stay far from every threshold."""
+    z64, e64 = z2d.double(), codebook.double()
+    row_bad = ~torch.isfinite(z64).all(dim=1)
+    code_bad = ~torch.isfinite(e64).all(dim=1)
+    z_norm, e_norm = z64.nan_to_num(0.0, 0.0, 0.0).norm(dim=1), e64.nan_to_num(0.0, 0.0, 0.0).norm(dim=1)
+    if metric == "cos":
+        row_bad |= z_norm >= COS_NORM_LIMIT
+        code_bad |= e_norm >= COS_NORM_LIMIT
+    else:
+        code_bad |= e_norm**2 > FP32_MAX
+    return row_bad, code_bad, ~row_bad & (z_norm**2 > FP32_MAX)
+
+
+def _check_rule(z, codebook, indices, distances, metric, precision):
+    """Assert the rule on one backend's output: excluded rows/codes, index 0 + NaN where no score is finite, and
+    on the other rows the float64 argmin over the valid codes (tie-aware, scores compared relative to their own
+    magnitudes, so rows of 1e20 are checked as tightly as rows of 1)."""
+    D = z.shape[-1]
+    z2d, idx, dist = z.reshape(-1, D).cpu(), indices.reshape(-1).cpu(), distances.reshape(-1).cpu()
+    codebook = codebook.cpu()
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert ((idx >= 0) & (idx < codebook.shape[0])).all(), "index out of range (unwritten output?)"
+    row_bad, code_bad, z_sq_overflows = _rule_oracle(z2d, codebook, metric)
+    if code_bad.all():
+        row_bad = torch.ones_like(row_bad)
+    assert (idx[row_bad] == 0).all(), f"rows with no finite score must get index 0, got {idx[row_bad].tolist()}"
+    assert dist[row_bad].isnan().all(), f"rows with no finite score must get distance NaN, got {dist[row_bad]}"
+    ok = ~row_bad
+    if not ok.any():
+        return
+    assert not code_bad[idx[ok]].any(), f"a non-finite code won: {sorted(set(idx[ok][code_bad[idx[ok]]].tolist()))}"
+    good = (~code_bad).nonzero().squeeze(1)
+    zs, es = z2d[ok].double(), codebook[good].double()
+    if metric == "cos":
+        zs, es = ref._normalize(zs), ref._normalize(es)
+        scores, scale = -(zs @ es.T), torch.full((zs.shape[0],), 4.0, dtype=torch.float64)
+    else:
+        e_sq = es.pow(2).sum(dim=1)
+        scores = e_sq - 2.0 * (zs @ es.T)
+        scale = e_sq.max() + 2.0 * zs.norm(dim=1) * es.norm(dim=1).max()
+    chosen = scores.gather(1, torch.searchsorted(good, idx[ok])[:, None]).squeeze(1)
+    rtol = 2.0**-6 if precision == "fast" else 1e-5
+    wrong = (chosen - scores.min(dim=1).values) > rtol * scale
+    rate = float(wrong.double().mean())
+    assert rate <= (FAST_MISMATCH_MAX if precision == "fast" else 0.0), f"mismatch rate {rate:.2%} on valid rows"
+    d_ok = dist[ok]
+    if metric == "cos":
+        want = 1.0 + chosen
+        assert ((d_ok.double() - want).abs() <= rtol * scale).all(), "cos distance off"
+        return
+    big = z_sq_overflows[ok]
+    assert (d_ok[big] == float("inf")).all(), f"l2 rows whose ||z||^2 overflows fp32 must report +inf: {d_ok[big]}"
+    want = (zs[~big].pow(2).sum(dim=1) + chosen[~big]).clamp_min(0.0)
+    tol = rtol * (zs[~big].norm(dim=1) + es.norm(dim=1).max()) ** 2
+    assert ((d_ok[~big].double() - want).abs() <= tol).all(), "l2 distance off"
+
+
+def _inject_bad_codes(z, codebook):
+    """NaN, +inf and -inf codes (one at index 0), each the near twin of some rows: if the compare let a
+    non-finite score through, those rows would pick it."""
+    K, D = codebook.shape
+    bad = torch.cat([torch.zeros(1, dtype=torch.int64), 1 + torch.randperm(K - 1)[:3]])
+    for code, value in zip(bad.tolist(), (float("nan"), float("nan"), float("inf"), float("-inf"))):
+        rows = torch.randperm(z.shape[0])[:3]
+        z[rows] = codebook[code] + 0.01 * torch.randn(3, D)
+        codebook[code, torch.randint(0, D, (1,))] = value
+    codebook[bad[1]] = float("nan")
+    return bad
+
+
+def _inject_bad_rows(z):
+    """A NaN entry, an all-NaN row, +inf and -inf entries. Returns the rows, and a mask of the others."""
+    rows = torch.randperm(z.shape[0])[:4]
+    D = z.shape[1]
+    z[rows[0], torch.randint(0, D, (1,))] = float("nan")
+    z[rows[1]] = float("nan")
+    z[rows[2], torch.randint(0, D, (1,))] = float("inf")
+    z[rows[3], torch.randint(0, D, (1,))] = float("-inf")
+    others = torch.ones(z.shape[0], dtype=torch.bool)
+    others[rows] = False
+    return rows, others
+
+
+# D=37 fits one Triton chunk (interpreter BLOCK_D=64), D=77 loops over two.
+FAULT_SHAPES = [(150, 200, 37), (90, 130, 77)]
+
+
+@pytest.mark.parametrize("shape", FAULT_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_nearest_code_nan_row_gets_a_non_finite_distance(impl, metric, precision):
-    """A row holding NaN (or an inf that makes its norm NaN) must not report distance 0, an exact match."""
-    _check_nan_rows(impl, metric, precision, "cpu")
-
-
-def _check_nan_rows(impl, metric, precision, device):
-    z = torch.randn(70, 24, device=device)
-    codebook = torch.randn(50, 24, device=device)
-    bad = torch.randperm(70, device=device)[:3]
-    z[bad[0], 5] = float("nan")
-    z[bad[1], 0] = float("-inf")
-    z[bad[2]] = float("nan")
+def test_nearest_code_nonfinite_codes_and_rows(impl, metric, precision, shape):
+    """NaN/inf codes never win (also at index 0, and as the near twin of rows); rows holding NaN/inf get index 0
+    and distance NaN; every other row is the float64 argmin over the finite codes."""
+    N, K, D = shape
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    bad_codes = _inject_bad_codes(z, codebook)
+    bad_rows, others = _inject_bad_rows(z)
     indices, distances = nearest_code(z, codebook, metric=metric, precision=precision, impl=impl)
-    if metric == "l2":  # cos clamps the norm, so -inf alone may still give a finite value there
-        assert not torch.isfinite(distances[bad]).any(), distances[bad]
-    else:
-        assert not torch.isfinite(distances[bad[[0, 2]]]).any(), distances[bad]
-    keep = torch.ones(70, dtype=torch.bool, device=device)
-    keep[bad] = False
-    _check_against_float64(z[keep].cpu(), codebook.cpu(), indices[keep].cpu(), distances[keep].cpu(), metric,
-                           precision)
+    assert not torch.isin(indices[others], bad_codes).any()
+    assert (indices[bad_rows] == 0).all() and distances[bad_rows].isnan().all()
+    _check_rule(z, codebook, indices, distances, metric, precision)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nearest_code_no_valid_code_gives_index_0_and_nan(impl, metric):
+    """Every code non-finite (and, for l2, every ||e||^2 overflowing fp32): index 0 and NaN for every row."""
+    z, codebook = torch.randn(70, 33), torch.randn(45, 33)
+    codebook[torch.arange(45), torch.randint(0, 33, (45,))] = torch.tensor([float("nan"), float("inf")]).repeat(23)[:45]
+    books = [codebook]
+    if metric == "l2":
+        books.append(torch.randn(45, 33) * 1e20)
+    for cb in books:
+        for precision in PRECISIONS:
+            indices, distances = nearest_code(z, cb, metric=metric, precision=precision, impl=impl)
+            assert (indices == 0).all() and distances.isnan().all(), (precision, indices, distances)
+
+
+def _row_scales(n, lo, hi):
+    return 10.0 ** (lo + (hi - lo) * torch.rand(n, 1))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nearest_code_cos_huge_and_tiny_norms(impl, precision):
+    """cos is scale-free: rows of norm 1e19..1e36 (whose squares overflow fp32) and below eps, codes of 1e30 and
+    1e-25, get the float64 answer; rows and codes with norm >= 2^126 count as non-finite (index 0 + NaN, never
+    chosen)."""
+    N, K, D = 120, 150, 77
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    z = z * _row_scales(N, 19, 36)
+    z[:10] *= 1e-49
+    codebook[::3] *= 1e30
+    codebook[1::7] *= 1e-25
+    z[10] = codebook[3] * 1.5
+    z[11], codebook[5] = 3e37, 3e37
+    indices, distances = nearest_code(z, codebook, metric="cos", precision=precision, impl=impl)
+    assert indices[11] == 0 and distances[11].isnan() and not (indices == 5).any()
+    # a row on a code of norm 1e30: cos 1 (the old reference normalised 1e30-scale rows to 0 and answered 0)
+    assert indices[10] == 3 and abs(float(distances[10])) < 1e-2
+    _check_rule(z, codebook, indices, distances, "cos", precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nearest_code_l2_overflow(impl, precision):
+    """l2: rows of 1e20 (||z||^2 overflows fp32) still get the argmin and distance +inf; codes whose ||e||^2
+    overflows are never chosen, even by rows sitting on them."""
+    N, K, D = 100, 140, 37
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    z[:40] *= 1e20
+    huge = torch.randperm(K)[:10]
+    codebook[huge] *= 1e20
+    z[40:45] = codebook[huge[:5]]
+    indices, distances = nearest_code(z, codebook, metric="l2", precision=precision, impl=impl)
+    assert not torch.isin(indices, huge).any()
+    # rows 40..44 sit on 1e20 codes: their own ||z||^2 overflows too
+    assert (distances[:45] == float("inf")).all()
+    assert torch.isfinite(distances[45:]).all()
+    _check_rule(z, codebook, indices, distances, "l2", precision)
+
+
+@pytest.mark.skipif(len(CPU_IMPLS) < 2, reason="needs a second backend (triton)")
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_code_backends_agree_on_faults(metric):
+    """Reference and Triton give the same NaN/inf pattern and (but for near-ties) the same indices on one input
+    holding every fault."""
+    N, K, D = 110, 120, 45
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    _inject_bad_codes(z, codebook)
+    _inject_bad_rows(z)
+    z[-20:] *= 1e25 if metric == "cos" else 1e20
+    outs = [nearest_code(z, codebook, metric=metric, impl=impl) for impl in CPU_IMPLS]
+    (i0, d0), (i1, d1) = outs
+    assert torch.equal(d0.isnan(), d1.isnan()) and torch.equal(d0.isinf(), d1.isinf())
+    for indices, distances in outs:
+        _check_rule(z, codebook, indices, distances, metric, "exact")
+    # both are tie-aware optimal; only a true near-tie may split them
+    assert float((i0 != i1).double().mean()) <= 0.02
+
+
+def test_reference_float64_follows_the_rule():
+    """The float64 reference applies the same rule (its own overflow thresholds)."""
+    z, codebook = torch.randn(60, 21, dtype=torch.float64), torch.randn(50, 21, dtype=torch.float64)
+    bad_codes = _inject_bad_codes(z, codebook)
+    bad_rows, keep = _inject_bad_rows(z)
+    z[-10:] *= 1e30
+    for metric in METRICS:
+        indices, distances = ref.nearest_code(z, codebook, metric)
+        assert distances.dtype == torch.float64
+        assert not torch.isin(indices[keep], bad_codes).any()
+        assert (indices[bad_rows] == 0).all() and distances[bad_rows].isnan().all()
+        good = torch.ones(50, dtype=torch.bool)
+        good[bad_codes] = False
+        truth = ref.exact_nearest(z[keep], codebook[good], metric)[0]
+        assert torch.equal(good.nonzero().squeeze(1)[truth], indices[keep])
+        assert torch.isfinite(distances[keep]).all()
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -366,11 +548,54 @@ def test_every_surviving_triton_config_matches_float64(mode, monkeypatch):
             _check_against_float64(z, codebook, indices, distances, "l2", precision)
 
 
+def _gpu_backends():
+    """(name, function) for every GPU path, the CUDA extension's fp32 validation loop included."""
+    fns = [(impl, lambda z, cb, m, p, impl=impl: nearest_code(z, cb, metric=m, precision=p, impl=impl))
+           for impl in _gpu_impls()]
+    if _backend.cuda_ext_available():
+        from lgvq_fast import _cuda
+
+        fns.append(("cuda-scalar", lambda z, cb, m, p: _cuda.nearest_code(z, cb, m, "scalar")))
+    return fns
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3000, 1000, 77), (2100, 4096, 256), (4000, 2048, 8)], ids=_shape_id)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_nearest_code_gpu_nan_row_gets_a_non_finite_distance(metric, precision):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    for impl in _gpu_impls():
-        _check_nan_rows(impl, metric, precision, "cuda")
+def test_nearest_code_gpu_nonfinite_rule(metric, precision, shape):
+    """The rule on every GPU backend (reference, Triton, CUDA tensor-core and scalar), with every fault at once:
+    NaN/inf codes (one at index 0), NaN/inf rows, huge rows (1e20 for l2: ||z||^2 overflows; 1e19..1e36 for cos),
+    huge codes (l2: excluded; cos: valid), and rows/codes past the cos limit; and the backends agree."""
+    N, K, D = shape
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    bad_codes = _inject_bad_codes(z, codebook)
+    bad_rows, others = _inject_bad_rows(z)
+    z[-300:] *= 1e20 if metric == "l2" else _row_scales(300, 19, 36)
+    codebook[-7:] *= 1e20 if metric == "l2" else 1e30
+    if metric == "cos":
+        z[-301], codebook[-8] = 5e37, 5e37  # norm >= 2^126 at every D here, far from the limit
+    z, codebook = z.cuda(), codebook.cuda()
+    patterns = []
+    for name, fn in _gpu_backends():
+        indices, distances = fn(z, codebook, metric, precision)
+        assert not torch.isin(indices[others.cuda()], bad_codes.cuda()).any(), name
+        assert (indices[bad_rows] == 0).all() and distances[bad_rows].isnan().all(), name
+        _check_rule(z, codebook, indices, distances, metric, "exact" if name == "cuda-scalar" else precision)
+        patterns.append((name, distances.isnan().cpu(), distances.isinf().cpu()))
+    for name, nan, inf in patterns[1:]:
+        assert torch.equal(nan, patterns[0][1]) and torch.equal(inf, patterns[0][2]), (name, patterns[0][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_code_gpu_no_valid_code(metric):
+    z = torch.randn(500, 64, device="cuda")
+    books = [torch.full((300, 64), float("nan"), device="cuda")]
+    if metric == "l2":
+        books.append(torch.randn(300, 64, device="cuda") * 1e20)
+    for cb in books:
+        for name, fn in _gpu_backends():
+            for precision in PRECISIONS:
+                indices, distances = fn(z, cb, metric, precision)
+                assert (indices == 0).all() and distances.isnan().all(), (name, precision)

@@ -240,6 +240,41 @@ def test_relation_loss_bad_inputs_raise():
             relation_loss(long_text, vision[:1], codes[:1], long_pad, impl="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_relation_loss_rejects_non_binary_float_mask(impl, dtype):
+    """A float pad_mask must hold only 0 and 1: 2, -1, 0.5 and NaN at a random position raise ValueError naming
+    pad_mask; the same mask with 0/1 values is accepted and gives the bool mask's loss."""
+    B, L, T, C = 3, 9, 11, 20
+    text, vision, codes, pad = _inputs(B, L, T, C)
+    want = relation_loss(text, vision, codes, pad, impl=impl)
+    assert torch.equal(relation_loss(text, vision, codes, pad.to(dtype), impl=impl), want)
+    for value in (2.0, -1.0, 0.5, float("nan")):
+        bad = pad.to(dtype)
+        bad[torch.randint(0, B, ()), torch.randint(0, L, ())] = value
+        with pytest.raises(ValueError, match=r"pad_mask must hold only 0 and 1.*got the value"):
+            relation_loss(text, vision, codes, bad, impl=impl)
+
+
+def test_relation_loss_mask_check_under_torch_compile():
+    """Under torch.compile the value check is traced as torch._assert_async (no graph break with fullgraph=True):
+    a 0/1 float mask runs, a mask holding 2 fails."""
+    torch._dynamo.reset()
+    text, vision, codes, pad = _inputs(2, 6, 10, 12)
+    step = torch.compile(lambda t, v, c, m: relation_loss(t, v, c, m, impl="reference"), fullgraph=True)
+    try:
+        got = step(text, vision, codes, pad.float())
+    except Exception as exc:
+        if "C++ compiler" in str(exc) or "CppCompileError" in type(exc).__name__:
+            pytest.skip(f"torch.compile cannot build CPU code here: {type(exc).__name__}")
+        raise
+    torch.testing.assert_close(got, relation_loss(text, vision, codes, pad, impl="reference"))
+    bad = pad.float()
+    bad[1, 3] = 2.0
+    with pytest.raises(RuntimeError, match="pad_mask must hold only 0 and 1"):
+        step(text, vision, codes, bad)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_relation_loss_opcheck(impl):
     text, vision, codes, pad = _inputs(2, 6, 11, 20)
@@ -284,3 +319,41 @@ def test_relation_loss_gpu_triton_matches_float64(dtype):
     _, first, _ = _check("triton", text, vision, codes, pad, rel=rel)
     _, second, _ = _check("triton", text, vision, codes, pad, rel=rel)
     assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_relation_loss_gpu_float_mask_check_is_sync_free_and_fires():
+    """On CUDA the float-mask check is queued with torch._assert_async: it runs inside CUDA-graph capture (a host
+    sync there would raise), and a mask holding 2 stops the process with a device-side assert (in a subprocess:
+    that assert leaves the CUDA context unusable)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    text, vision, codes, pad = (t.cuda() for t in _inputs(4, 12, 40, 32))
+    padf = pad.float()
+    want = relation_loss(text, vision, codes, pad)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        relation_loss(text, vision, codes, padf)  # warm-up (Triton compile) outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            got = relation_loss(text, vision, codes, padf)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, want)
+    script = textwrap.dedent("""
+        import torch
+        from lgvq_fast.ops import relation_loss
+        t, v, c = torch.randn(2, 5, 32, device="cuda"), torch.randn(2, 9, 32, device="cuda"), torch.randn(2, 9, 32, device="cuda")
+        m = torch.ones(2, 5, device="cuda")
+        m[1, 2] = 2.0
+        relation_loss(t, v, c, m)
+        torch.cuda.synchronize()
+        print("NO ASSERT")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "NO ASSERT" not in run.stdout, run.stdout + run.stderr
+    assert "device-side assert" in run.stderr.lower() or "assert" in run.stderr.lower(), run.stderr[-2000:]

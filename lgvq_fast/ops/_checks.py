@@ -27,6 +27,26 @@ def check_same_device(op, **tensors):
             )
 
 
+def check_binary_mask(op, name, t):
+    """Raise unless the float mask ``t`` holds only 0 and 1 (a bool mask cannot hold anything else: no check).
+
+    Reading a value on the host costs a device sync, and is not allowed at all while a CUDA graph is being
+    captured. So a mask on the CPU in eager mode is checked on the host (ValueError naming ``name``); anywhere
+    else (a CUDA mask, or while ``torch.compile`` traces) the check is queued with ``torch._assert_async``: no
+    sync, capturable, and a bad value fails at the next sync -- on CUDA as a device-side assert, which leaves the
+    CUDA context unusable (as an out-of-range index does). Hot paths pass bool masks and pay nothing.
+    """
+    if t.dtype == torch.bool or t.numel() == 0 or t.device.type == "meta":
+        return
+    ok = ((t == 0) | (t == 1)).all()
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            bad = t[(t != 0) & (t != 1)][0].item()
+            raise ValueError(f"{op}: {name} must hold only 0 and 1 (or be a bool tensor), got the value {bad}")
+        return
+    torch._assert_async(ok, f"{op}: {name} must hold only 0 and 1 (or be a bool tensor)")
+
+
 def check_finite(op, name, t):
     """Raise if ``t`` holds NaN or inf (costs one reduction; used on small inputs or on request)."""
     if t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all()):

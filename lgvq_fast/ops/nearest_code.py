@@ -35,9 +35,30 @@ are upcast to fp32 (exact) or rounded to bf16 (fast) inside the kernels.
 float64 is rejected here; ``lgvq_fast.reference.nearest_code.nearest_code``
 takes float64 inputs for testing.
 
-Not checked, by design (each check would cost a device sync per call): NaN or
-inf in the inputs. A row containing NaN gets an unspecified index and a NaN or
-inf distance.
+Non-finite values and overflow -- one rule, the same on every backend and
+precision, computed by the kernels' own compares (no check, no device sync):
+
+- A score that is not finite never wins. Scores are ``||e||^2 - 2 z.e`` (l2) and
+  ``-cos`` (cos), in fp32 (float64 in the reference for float64 inputs); NaN,
+  +inf and -inf all lose to any finite score, and ties (among finite scores)
+  go to the lowest index.
+- So a code holding a NaN or an inf is never chosen, and a row of ``z`` holding
+  a NaN or an inf has no finite score at all.
+- A row with no finite score gets index 0 and distance NaN: a row holding NaN or
+  inf, or every row when every code is excluded.
+- ``cos`` takes norms without squaring into overflow (two sums of squares, of
+  ``x`` and of ``x * 2^-64``), so norms of 1e19 and far beyond normalise
+  correctly, as do norms below ``eps`` (clamped as documented above). A vector
+  whose norm reaches 2^126 (about 8.5e37, a quarter of the fp32 range) counts as
+  non-finite: such a code is never chosen, such a row gets index 0 and NaN.
+- ``l2`` works on the values as given (its distance would overflow anyway): a
+  code whose ``||e||^2`` overflows fp32 (``||e|| >~ 1.8e19``) scores +inf and is
+  never chosen; a row whose ``||z||^2`` overflows still gets the argmin of its
+  finite scores and distance +inf (the true distance is beyond fp32 too); a code
+  whose ``2 z.e`` overflows (``||z|| ||e|| >~ 1.7e38``) scores +-inf and is not
+  chosen.
+- Near these thresholds backends may differ in which scores overflow, as they
+  differ in rounding. Derivation and costs: ``NOTES.md`` beside this file.
 
 Gradients: none. Both outputs are returned detached; a quantizer computes its
 straight-through estimate and distances-based losses outside this op.
@@ -102,9 +123,10 @@ def nearest_code(z, codebook, metric="l2", precision="exact", impl="auto"):
     """Nearest code of every row of ``z [..., D]`` in ``codebook [K, D]``.
 
     Returns ``(indices int64 z.shape[:-1], distances fp32 z.shape[:-1])``; see the
-    module docstring for metrics, precision, backends and what is not checked.
-    Raises ValueError for bad arguments (naming the argument) and RuntimeError
-    when an explicit ``impl`` cannot run here.
+    module docstring for metrics, precision, backends and the rule for NaN, inf and
+    overflow (a non-finite score never wins; a row with no finite score gets index 0 and
+    distance NaN). Raises ValueError for bad arguments (naming the argument) and
+    RuntimeError when an explicit ``impl`` cannot run here.
     """
     _check(z, codebook, metric, precision)
     backend = resolve_impl("nearest_code", impl, z.device)

@@ -8,8 +8,12 @@ is LG-VQ spec section 4 with an epsilon in every normalisation (``x / max(||x||,
     C_hat = normalize(a * G) * pad;  R_c = C_hat C_hat^T;  R_t = (Tn * pad)(Tn * pad)^T
     loss = mean over all B*L*L entries of (R_c - R_t)^2
 
-``pad_mask [B, L]`` is bool or float (1 = valid word). Inputs may be fp32/bf16/fp16 with any strides;
-everything is computed in fp32.
+``pad_mask [B, L]`` is bool or float (1 = valid word, 0 = padding); a float mask with any other value
+(2, -1, 0.5, NaN) is rejected: ValueError for a CPU mask, and for a CUDA mask a device-side assert at
+the next sync (checking it on the host would cost a sync per call and cannot run inside CUDA-graph
+capture; see ``lgvq_fast.ops._checks.check_binary_mask``). A bool mask needs no check and costs nothing,
+which is what the model passes. Inputs may be fp32/bf16/fp16 with any strides; everything is computed
+in fp32.
 
 Gradients: to ``codes`` only. ``text_feats`` is detached by definition (R_t is a target), and the
 gradient to ``vision_tokens`` (which only select token positions, and scale by ``a``, which the
@@ -38,7 +42,7 @@ import torch
 
 from lgvq_fast import _alloc
 from lgvq_fast._backend import resolve_no_cuda_kernel
-from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from lgvq_fast.ops._checks import FLOAT_DTYPES, check_binary_mask, check_same_device, check_tensor
 from lgvq_fast.reference import relation as _ref
 
 DEFAULT_EPS = 1e-6
@@ -152,6 +156,7 @@ def _check(text_feats, vision_tokens, codes, pad_mask, eps):
         raise ValueError(f"{op}: pad_mask has shape {tuple(pad_mask.shape)}, expected [B={B}, L={L}]")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0.0:
         raise ValueError(f"{op}: eps must be a real number > 0, got {eps!r}")
+    check_binary_mask(op, "pad_mask", pad_mask)
     return float(eps)
 
 

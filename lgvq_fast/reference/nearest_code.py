@@ -6,17 +6,30 @@ that no N x K distance matrix is ever allocated: each chunk holds at most
 
 Distances:
 - ``metric="l2"``: squared Euclidean distance ``||z||^2 + ||e||^2 - 2 z.e``,
-  clamped at 0. The argmin uses ``||e||^2 - 2 z.e`` (``||z||^2`` is the same for
-  every code and adding it first would lose low bits to cancellation).
+  clamped at 0. The argmin uses the score ``||e||^2 - 2 z.e`` (``||z||^2`` is the
+  same for every code and adding it first would lose low bits to cancellation).
 - ``metric="cos"``: ``1 - cos(z, e)`` with ``cos = z.e / (max(||z||, eps) *
   max(||e||, eps))`` and ``eps = COS_EPS`` (as ``torch.nn.functional.normalize``),
-  so a zero vector has cosine 0 with everything (distance 1) instead of NaN.
+  so a zero vector has cosine 0 with everything (distance 1) instead of NaN. The
+  argmin uses the score ``-cos``. Norms are taken of each vector divided by its
+  largest magnitude, so no square overflows (any finite vector normalises).
 
 Ties go to the lowest index, as ``torch.argmin``.
+
+Non-finite values (the rule every backend follows; ``lgvq_fast.ops.nearest_code``):
+a score that is not finite (NaN or +-inf) never wins. So a code holding a NaN or
+an inf never wins, nor does an l2 code whose ``||e||^2`` overflows the compute
+dtype; a row of ``z`` holding a NaN or an inf has no finite score; for cos a
+vector whose norm reaches 2^126 (2^1022 in float64) counts as non-finite. A row
+with no finite score gets index 0 and distance NaN. Non-finite rows and codes are
+also excluded explicitly here, so that the spec does not depend on how a BLAS
+treats ``0 * NaN``.
 
 Also here: :func:`exact_nearest` (float64 truth) and :func:`tie_aware_mismatch`,
 shared by the tests and ``bench/nn_search.py``.
 """
+import math
+
 import torch
 
 COS_EPS = 1e-12
@@ -29,7 +42,19 @@ def _chunk_rows(K):
 
 
 def _normalize(x, eps=COS_EPS):
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    """``x / max(||x||, eps)`` along the last dim without overflow: the norm is taken of ``x / max|x|``.
+
+    A row whose norm reaches 2^126 (fp32; 2^1022 in float64: a quarter of the dtype's range) comes out
+    NaN: the rule counts it as non-finite.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    # A zero row keeps scale 1; a NaN amax too (the row stays NaN); an inf amax turns the row into NaN.
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    xs = x / scale
+    norm = xs.norm(dim=-1, keepdim=True)
+    limit = 2.0 ** (math.frexp(torch.finfo(x.dtype).max)[1] - 2)
+    xs = torch.where(norm * scale >= limit, float("nan"), xs)
+    return xs / norm.clamp_min(eps / scale)
 
 
 def nearest_code(z, codebook, metric="l2", compute_dtype=None):
@@ -51,30 +76,40 @@ def nearest_code(z, codebook, metric="l2", compute_dtype=None):
     N, K = z2.shape[0], codebook.shape[0]
     indices = torch.empty(N, dtype=torch.int64, device=z.device)
     distances = torch.empty(N, dtype=out_dtype, device=z.device)
-    e = codebook.to(compute_dtype)
+    inf = float("inf")
+    # bias + (-2 z.e) (l2) or bias + (-z.e) (cos) is the score; a non-finite code (NaN or inf, or for cos a norm
+    # of 2^126 or more) gets bias +inf, so its score is +inf or NaN whatever the BLAS does with 0 * NaN.
     if metric == "cos":
         # Normalise in at least fp32 so the eps clamp and the norms do not round in bf16.
-        e = _normalize(codebook.to(torch.promote_types(compute_dtype, torch.float32))).to(compute_dtype)
-    e_sq = e.to(out_dtype).pow(2).sum(dim=1)  # [K]
+        e = _normalize(codebook.to(torch.promote_types(compute_dtype, torch.float32)))
+        code_bad = ~torch.isfinite(e).all(dim=1)  # [K]
+        e = e.to(compute_dtype)
+        bias, alpha = torch.zeros(K, dtype=out_dtype, device=z.device), -1.0
+    else:
+        code_bad = ~torch.isfinite(codebook).all(dim=1)  # [K]
+        e = codebook.to(compute_dtype)
+        bias, alpha = e.to(out_dtype).pow(2).sum(dim=1), -2.0  # [K] ||e||^2
+    bias = bias.masked_fill(code_bad, inf)
     step = _chunk_rows(K)
     for start in range(0, N, step):
         zc = z2[start:start + step]
         if metric == "cos":
             zc = _normalize(zc.to(torch.promote_types(compute_dtype, torch.float32)))
-            sim = (zc.to(compute_dtype) @ e.T).to(out_dtype)  # [n, K]
-            idx = sim.argmax(dim=1)
-            best = sim.gather(1, idx[:, None]).squeeze(1)
-            distances[start:start + step] = 1.0 - best
+        row_ok = torch.isfinite(zc).all(dim=1)  # [n]
+        zc = zc.to(compute_dtype)
+        if compute_dtype == out_dtype:
+            score = torch.addmm(bias, zc, e.T, alpha=alpha)  # [n, K]
         else:
-            zc = zc.to(compute_dtype)
-            if compute_dtype == out_dtype:
-                score = torch.addmm(e_sq, zc, e.T, alpha=-2.0)  # [n, K]
-            else:
-                score = e_sq - 2.0 * (zc @ e.T).to(out_dtype)  # [n, K]
-            idx = score.argmin(dim=1)
-            z_sq = zc.to(out_dtype).pow(2).sum(dim=1)
-            best = score.gather(1, idx[:, None]).squeeze(1)
-            distances[start:start + step] = (z_sq + best).clamp_min(0.0)
+            score = bias + alpha * (zc @ e.T).to(out_dtype)  # [n, K]
+        # The rule: a score that is not finite never wins; no finite score -> index 0 (argmin's first +inf).
+        score.nan_to_num_(nan=inf, posinf=inf, neginf=inf)
+        idx = torch.where(row_ok, score.argmin(dim=1), 0)
+        best = torch.where(row_ok, score.gather(1, idx[:, None]).squeeze(1), inf)
+        if metric == "cos":
+            dist = 1.0 + best
+        else:
+            dist = (zc.to(out_dtype).pow(2).sum(dim=1) + best).clamp_min(0.0)
+        distances[start:start + step] = torch.where(best < inf, dist, float("nan"))
         indices[start:start + step] = idx
     return indices.reshape(lead), distances.reshape(lead)
 
