@@ -63,6 +63,24 @@ def _tensors(obj, prefix=""):
             yield from _tensors(value, f"{prefix}.{i}")
 
 
+def _to_cpu(obj, _copies=None):
+    """``obj`` with every tensor in it on the CPU (containers rebuilt, other values shared). A tensor that appears
+    twice (tied weights) is copied once, so the file keeps one storage for it as torch.save would."""
+    copies = {} if _copies is None else _copies
+    if torch.is_tensor(obj):
+        if id(obj) not in copies:
+            copies[id(obj)] = obj.detach().cpu()
+        return copies[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v, copies) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v, copies) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_to_cpu(v, copies) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
 def nonfinite_entries(payload, limit=3):
     """Names of up to ``limit`` floating tensors of ``payload`` holding NaN or inf; ``[]`` when all are finite.
 
@@ -75,9 +93,13 @@ def nonfinite_entries(payload, limit=3):
             groups.setdefault((t.device, t.dtype), []).append((name, t))
     if not groups:
         return []
-    maxima = [torch.stack(torch._foreach_norm([t.detach() for _, t in g], float("inf"))).float().cpu()
-              for g in groups.values()]
-    if bool(torch.isfinite(torch.cat(maxima)).all()):
+    # one flag per device, read together: a single host read when the state lives on one device
+    finite = {}
+    for (device, _), g in groups.items():
+        maxima = torch.stack(torch._foreach_norm([t.detach() for _, t in g], float("inf")))
+        ok = torch.isfinite(maxima).all()
+        finite[device] = ok if device not in finite else finite[device] & ok
+    if bool(torch.stack([ok.cpu() for ok in finite.values()]).all()):
         return []
     bad = [name for g in groups.values() for name, t in g if not bool(torch.isfinite(t).all())]
     return bad[:limit]
@@ -171,7 +193,9 @@ class CheckpointIO:
 
         A failed write (disk full, or any OSError) removes the temp file, keeps every earlier checkpoint and raises
         :class:`CheckpointWriteError` naming the folder, the cause and the space the checkpoint needs."""
-        state = dict(state, checksum=payload_digest({k: v for k, v in state.items() if k != "checksum"}))
+        # one device-to-host copy of every tensor, shared by the digest and torch.save (each would copy it)
+        state = _to_cpu({k: v for k, v in state.items() if k != "checksum"})
+        state["checksum"] = payload_digest(state)
         need = sum(t.numel() * t.element_size() for _, t in _tensors(state))
         path = self.path(step)
         tmp = f"{path}.tmp{os.getpid()}"
