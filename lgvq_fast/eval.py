@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lgvq_fast.train_config import ConfigError
+from lgvq_fast.train_utils import one_line_error
 from lgvq_fast.training.errors import RunError
 
 
@@ -35,10 +36,6 @@ class NonFiniteMetrics(RunError):
     """The evaluated model gives NaN or inf metrics: the JSON holds null for them and the exit status is 3."""
 
     status = 3
-
-
-def _one_line(msg):
-    return " ".join(str(msg).split())
 
 
 def to_uint8(x):
@@ -242,7 +239,7 @@ def _read_checkpoint(path):
     except FileNotFoundError:
         raise
     except ValueError as exc:  # "cannot read checkpoint <path>: ..." (unreadable, or not a training checkpoint)
-        raise EvalError(_one_line(exc)) from exc
+        raise EvalError(one_line_error(exc)) from exc
     cfg = state.get("config") if isinstance(state, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(cfg, dict) \
             or not all(isinstance(cfg.get(k), dict) for k in ("model", "data", "train")):
@@ -275,7 +272,7 @@ def load_checkpoint_model(path, device, text_encoder_name=None):
     try:
         mcfg = LGVQConfig.from_dict(cfg["model"])
     except (TypeError, ValueError) as exc:
-        raise EvalError(f"checkpoint {path}: its model config cannot be used: {_one_line(exc)}") from exc
+        raise EvalError(f"checkpoint {path}: its model config cannot be used: {one_line_error(exc)}") from exc
     saved_encoder = mcfg.text_encoder
     if text_encoder_name:
         mcfg.text_encoder = text_encoder_name
@@ -286,7 +283,7 @@ def load_checkpoint_model(path, device, text_encoder_name=None):
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         first, n = _first_mismatch(model.state_dict(), state["model"])
-        why = f"{first}; {n} mismatching key(s) in all" if first else _one_line(exc)
+        why = f"{first}; {n} mismatching key(s) in all" if first else one_line_error(exc)
         enc = f"text encoder {mcfg.text_encoder!r}"
         if mcfg.text_encoder != saved_encoder:
             enc += f" (--text-encoder; the checkpoint was trained with {saved_encoder!r})"
@@ -300,7 +297,7 @@ def _check_device(name):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
-        raise EvalError(f"--device {name!r}: {_one_line(exc)}") from exc
+        raise EvalError(f"--device {name!r}: {one_line_error(exc)}") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "PyTorch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -349,7 +346,7 @@ class _ReadErrors(torch.utils.data.Dataset):
             return self.ds[index]
         except (OSError, ValueError) as exc:
             hint = "" if self.ds.skip_bad_samples else " (pass --skip-bad-samples to skip unreadable samples)"
-            raise EvalError(f"{_one_line(exc)}{hint}") from exc
+            raise EvalError(f"{one_line_error(exc)}{hint}") from exc
 
 
 class _CountSkipped:
@@ -399,7 +396,7 @@ def main(argv=None):
         try:
             fid = FID(args.inception, device)
         except ValueError as exc:
-            raise EvalError(f"--inception: {_one_line(exc)}") from exc
+            raise EvalError(f"--inception: {one_line_error(exc)}") from exc
     model, text_encoder, cfg = load_checkpoint_model(args.ckpt, device, args.text_encoder)
     d = cfg["data"]
     skip = bool(args.skip_bad_samples or d.get("skip_bad_samples", False))
@@ -413,7 +410,7 @@ def main(argv=None):
         raise
     except ValueError as exc:
         hint = "" if skip else " (--skip-bad-samples skips missing files and empty caption files)"
-        raise EvalError(f"{_one_line(exc)}{hint}") from exc
+        raise EvalError(f"{one_line_error(exc)}{hint}") from exc
     if hasattr(ds, "skip_bad_samples"):
         ds = _ReadErrors(ds)
     collate = make_collate(text_encoder, cfg["model"]["max_text_len"], seed=cfg["train"]["seed"])
