@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -95,12 +96,21 @@ def print_table(rows, columns):
 
 
 def card_slug(device):
-    """The card's name as a file-name part: ``NVIDIA H200`` -> ``nvidia_h200``."""
-    return "".join(ch if ch.isalnum() else "_" for ch in device_name(torch.device(device))).strip("_").lower()
+    """The card's name as a file-name part: ``NVIDIA H200`` -> ``nvidia_h200``, ``CPU (x86_64, 2 threads)`` ->
+    ``cpu_x86_64_2_threads``."""
+    return re.sub(r"[^0-9a-z]+", "_", device_name(torch.device(device)).lower()).strip("_")
 
 
-def write_results(name, device, rows, extra=None, out_dir=None):
-    """Write ``rows`` to ``bench/results/<name>_<card>.json`` (and $OUT when set); return the path."""
+def results_path(results_dir, name, device, tag=None):
+    """``<results_dir>/<name>/<card>[_<tag>].json``: one folder per benchmark, one file per device (``tag`` names
+    a variant of the measurement, e.g. ``channels_last``)."""
+    slug = card_slug(device) + (f"_{tag}" if tag else "")
+    return os.path.join(results_dir, name, f"{slug}.json")
+
+
+def write_results(name, device, rows, extra=None, out_dir=None, tag=None):
+    """Write ``rows`` to ``bench/results/<name>/<card>[_<tag>].json`` (and the same under $OUT when set); return
+    the path."""
     device = torch.device(device)
     card = device_name(device)
     payload = {
@@ -119,11 +129,14 @@ def write_results(name, device, rows, extra=None, out_dir=None):
         payload["triton"] = None
     if extra:
         payload.update(extra)
-    slug = card_slug(device)
+    if tag:
+        payload["tag"] = tag
     paths = []
     for d in filter(None, [out_dir or RESULTS_DIR, os.environ.get("OUT")]):
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{name}_{slug}.json")
+        path = results_path(d, name, device, tag)
+        if any(os.path.realpath(path) == os.path.realpath(p) for p in paths):
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=2)

@@ -5,7 +5,7 @@
 For every seed, tiny-cpu runs on the captioned-shapes data with identical settings (seed, steps, batch, lr, data
 order, initial weights, every random draw), one with ``--no-text-losses`` and one per text-loss weight (GSA + MTP +
 RAS). The trainer makes the arms differ only through the text losses: at weight 0 a text run is bit-identical to
-the run without them (tests/test_train.py). Without the text losses the
+the run without them (tests/training/test_train_loop.py). Without the text losses the
 alignment heads get no training, so their metrics would be chance by construction. To compare the codes
 themselves, both tokenizers then go through the same probe: the encoder, codebook and decoder are frozen,
 freshly initialised alignment heads (f_vt, MTP decoder, RAM projection) are trained for ``--probe-steps`` steps
@@ -13,7 +13,7 @@ with the text losses on the train split, and the probed heads are evaluated on h
 (masked-word accuracy with 1 and 3 masked words, caption<->image R@1 over the val set). The text runs' own
 jointly trained heads are reported too. The summary gives each arm's mean and standard deviation over seeds and
 the paired (same seed) difference to the run without text losses. Writes
-bench/results/alignment_ablation_cpu_<name>.json and prints a Markdown table.
+bench/results/alignment_ablation/cpu[_<name>].json and prints a Markdown table.
 """
 import argparse
 import json
@@ -110,7 +110,7 @@ def main():
     from lgvq_fast.data import EpochBatchSampler, KeyedDataset, ShapesDataset, make_collate
     from lgvq_fast.eval import evaluate
     from lgvq_fast.models import TextEncoder
-    from lgvq_fast.train_config import PRESETS
+    from lgvq_fast.training.config import preset_config
     from lgvq_fast.training.checkpoint import CheckpointIO
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -122,10 +122,11 @@ def main():
                    help="text-loss weight arms (one weight for all three losses; default: the preset's)")
     p.add_argument("--out", default=os.path.join("runs", "alignment_ablation"))
     p.add_argument("--reuse", action="store_true", help="evaluate the runs already in --out instead of training")
-    p.add_argument("--name", help="results file suffix (default: derived from steps, seeds and weights)")
+    p.add_argument("--name", help="results file suffix: bench/results/alignment_ablation/cpu_NAME.json "
+                                  "(default: none, cpu.json)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    base = PRESETS["tiny-cpu"]()
+    base = preset_config("tiny-cpu")
     preset_w = {"gsa": base.model.w_gsa, "mtp": base.model.w_mtp, "ras": base.model.w_ras}
     arms = ["off"] + ([f"w{w:g}" for w in args.weights] if args.weights else ["preset"])
     weight_of = {f"w{w:g}": w for w in (args.weights or [])}
@@ -171,10 +172,8 @@ def main():
                "r1_chance": chance,
                "protocol": __doc__.split("\n\n")[2].replace("\n", " "), "summary": summary,
                "runs": [r for r in runs.values()], "total_wall_s": time.perf_counter() - t0}
-    os.makedirs(RESULTS, exist_ok=True)
-    name = args.name or f"steps{args.steps}_seeds{'-'.join(map(str, args.seeds))}" + (
-        "" if not args.weights else "_w" + "-".join(f"{w:g}" for w in args.weights))
-    path = os.path.join(RESULTS, f"alignment_ablation_cpu_{name}.json")
+    path = os.path.join(RESULTS, "alignment_ablation", "cpu" + (f"_{args.name}" if args.name else "") + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     fmt = lambda d: "-" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"

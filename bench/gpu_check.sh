@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: build lgvq_fast._C, run the GPU tests, the benchmarks (train step first: it is the
-# figure still open), compute-sanitizer (memcheck + racecheck) on small nearest_code / ema_update_ cases, and
-# print one short summary table last. Logs and benchmark JSON go to $OUT (default bench/results/gpu_check).
-# The whole script keeps to GPU_CHECK_BUDGET seconds (default 540, inside a 600 s device call): each stage
+# One run on a GPU machine: build lgvq_fast._C, run the GPU tests, the benchmarks (train step first),
+# compute-sanitizer (memcheck + racecheck) on small nearest_code / ema_update_ cases, and print one short summary
+# table last.
+# Benchmark JSON goes to bench/results/<bench>/<card>.json and the same under $OUT; the log to
+# $OUT/gpu_check/<card>.log. $OUT defaults to bench/results.
+# The whole script keeps to GPU_CHECK_BUDGET seconds (default 540, for a time limit of 600 s per run): each stage
 # runs under min(its own limit, what is left of the budget), a stage with under 20 s left is skipped and
 # reported, and the summary always prints. Exits non-zero if any stage failed or was skipped.
-# Wheels missing on the machine can travel in .whl/ (see the device notes); they are installed first.
+# On an offline GPU machine, wheels downloaded beforehand into .whl/ are installed first (bench/_stages.sh).
 # GPU_CHECK_SKIP="train_step" (names separated by spaces) leaves those stages out, e.g. one another script covers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/bench/results/gpu_check}"
+OUT="${OUT:-$PWD/bench/results}"
 export OUT PYTHONUNBUFFERED=1
 export LGVQ_FAST_BUILD_CUDA=1
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-: >"$LOG"
+# the summary reads the benchmark JSON written from here on
+START=$(date +%s)
 RESERVE=15  # for the summary
 MIN_LEFT=20
 SKIP="${GPU_CHECK_SKIP:-}"
 source bench/_stages.sh
 install_carried_wheels
+LOG="$OUT/gpu_check/$(gpu_slug).log"
+mkdir -p "$(dirname "$LOG")"
+: >"$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 
@@ -75,18 +79,22 @@ else
   echo "compute-sanitizer not found: memcheck skipped" | tee -a "$LOG"
 fi
 
-python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
+python3 - "$OUT" "$START" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys
 rows = []
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "*.json"))):
+    # a result of an earlier run
+    if os.path.getmtime(path) < int(sys.argv[2]):
+        continue
     with open(path) as f:
         data = json.load(f)
+    bench = data.get("benchmark", "?") + (f" {data['tag']}" if data.get("tag") else "")
     for r in data.get("rows", []):
         if "variant" in r:  # train_step: one shape for the file, images/s in the mismatch column's place
             sh = data.get("shape", {})
             vs = ("" if "speedup_vs_official_style" not in r else
                   f"{r['speedup_vs_official_style']}x vs official-style, {r.get('speedup_vs_reference')}x vs reference")
-            rows.append((data.get("benchmark", "?"), f"b{sh.get('batch')} {sh.get('resolution')}px K{sh.get('codebook_size')}",
+            rows.append((bench, f"b{sh.get('batch')} {sh.get('resolution')}px K{sh.get('codebook_size')}",
                          r["variant"], str(r.get("ms", r.get("error", "")))[:60], f"{r.get('images_per_s')} img/s", vs))
             continue
         impl = str(r.get("impl", ""))
@@ -95,7 +103,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
             shape = " ".join(str(r.get(k, "")) for k in ("shape", "layout") if k in r)
             if not shape and isinstance(data.get("shape"), dict):  # one shape for the whole file (ema, relation)
                 shape = "x".join(str(v) for v in data["shape"].values())
-            rows.append((data.get("benchmark", "?"), shape, impl, str(r.get("ms", r.get("fwd_bwd_ms", ""))),
+            rows.append((bench, shape, impl, str(r.get("ms", r.get("fwd_bwd_ms", ""))),
                          str(r.get("mismatch_pct", "")), str(speedup)))
     device = data.get("device", "?")
 print(f"summary ({device if rows else 'no benchmark JSON found'})")

@@ -12,7 +12,7 @@ differing index counts only when its float64 distance exceeds the best by more t
 codebook after the update against a float64 EMA update with those indices (max error relative to the largest
 code entry, tolerance 1e-4). Columns: median ms per step, peak extra memory (GPU), mismatch rate, codebook
 error, speed-up and memory ratio over the peer. Without the peer installed (``pip install
-vector-quantize-pytorch``) the speed-ups are over the compat row. Writes ``bench/results/quantizer_<card>.json``
+vector-quantize-pytorch``) the speed-ups are over the compat row. Writes ``bench/results/quantizer/<card>.json``
 (not under ``TRITON_INTERPRET=1``, where the Triton kernels run in the CPU interpreter).
 """
 import argparse

@@ -7,7 +7,7 @@
 
 GPU: batch 8, 256x256, K=1024, D=256, text length 30, a randomly initialised CLIP ViT-B/32-shaped text tower
 (same FLOPs as the real one, no weights needed) and a randomly initialised VGG16 perceptual net.
-"ours" is ``lgvq_fast.train.train_step`` with the trainer's optimisers (``make_optimizers``: fused Adam on
+"ours" is ``lgvq_fast.training.step.TrainStep`` with the trainer's optimisers (``make_optimizers``: fused Adam on
 CUDA): bf16 autocast, one generator forward per step, D trained on the detached reconstruction, run eagerly;
 ``--cuda-graph`` adds it captured in a CUDA graph, as the trainer runs it by default on one GPU
 (``train.cuda_graph=auto``; with ``--channels-last``, the layout the trainer then picks). "reference"
@@ -22,7 +22,7 @@ channels_last, where the VQGAN's GroupNorm + swish run as the fused Triton op; t
 and the reference arms run NCHW, as the official code. ``--norm-impl`` picks that norm for "ours". Every variant runs under the same backend flags (cuDNN autotuning on, TF32 allowed for fp32
 convolutions and matrix products: the fastest fp32 setting for the two-pass arms).
 
-``--profile DIR`` also writes DIR/train_step_profile_<card>.txt: the torch.profiler table of three "ours" steps.
+``--profile DIR`` also writes DIR/train_step/<card>_profile.txt: the torch.profiler table of three "ours" steps.
 """
 import argparse
 import contextlib
@@ -74,8 +74,7 @@ def random_text_batch(batch, length, vocab, eos, generator):
 def setup(device, args):
     from lgvq_fast.models import PerceptualLoss, TextEncoder, build_model, preset
     from lgvq_fast.models.vqgan import set_norm_impl
-    from lgvq_fast.train import make_optimizers
-    from lgvq_fast.train_utils import DiscSwap, place_models
+    from lgvq_fast.training.step import make_optimizers, place_models
 
     gen = torch.Generator().manual_seed(0)
     if device.type == "cuda":
@@ -103,22 +102,18 @@ def setup(device, args):
     ours_opt_g, ours_opt_d = make_optimizers(model, loss_mod, 1e-5, (0.5, 0.9), device)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(loss_mod.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9))
-    swap = DiscSwap(loss_mod, loss_mod.discriminator, loss_mod.discriminator)
     return dict(cfg=cfg, text_encoder=text_encoder, model=model, loss_mod=loss_mod, x=x, x_ours=x_ours, text=text,
-                opt_g=opt_g, opt_d=opt_d, ours_opt_g=ours_opt_g, ours_opt_d=ours_opt_d, swap=swap, batch=batch)
+                opt_g=opt_g, opt_d=opt_d, ours_opt_g=ours_opt_g, ours_opt_d=ours_opt_d, batch=batch)
 
 
 def ours_step(s, device, compiled):
-    from lgvq_fast.train import train_step
+    from lgvq_fast.training.step import TrainStep, make_autocast
 
-    use_bf16 = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    step_fn = TrainStep(compiled, s["loss_mod"], s["ours_opt_g"], s["ours_opt_d"], s["text_encoder"],
+                        make_autocast(device, "bf16", cuda_graph=False), s["cfg"], raw_model=s["model"])
 
     def fn():
-        train_step(compiled, s["model"], s["loss_mod"], s["swap"], s["ours_opt_g"], s["ours_opt_d"],
-                   s["text_encoder"], s["x_ours"], s["text"], 10**9, autocast, s["cfg"])
+        step_fn(s["x_ours"], s["text"], 10**9)
 
     return fn
 
@@ -130,15 +125,13 @@ def ours_graph_step(s, device, warmup=3):
     Warms up and captures before returning ``(fn, graph_bytes)``: the memory the capture reserved (the graph's
     private pool, which keeps the step's activations; the optimizer state, created in the warm-up, is left out
     as in the eager arm's figure)."""
-    from lgvq_fast.train import make_optimizers
-    from lgvq_fast.train_graph import GraphedTrainStep
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=True, cache_enabled=False)
+    from lgvq_fast.training.cuda_graph import GraphedTrainStep
+    from lgvq_fast.training.step import TrainStep, make_autocast, make_optimizers
 
     opt_g, opt_d = make_optimizers(s["model"], s["loss_mod"], 1e-5, (0.5, 0.9), device, capturable=True)
-    graphed = GraphedTrainStep(s["model"], s["model"], s["loss_mod"], s["swap"], opt_g, opt_d, s["text_encoder"],
-                               autocast, s["cfg"], warmup=warmup)
+    step_fn = TrainStep(s["model"], s["loss_mod"], opt_g, opt_d, s["text_encoder"],
+                        make_autocast(device, "bf16", cuda_graph=True), s["cfg"])
+    graphed = GraphedTrainStep(step_fn, warmup=warmup)
     text = s["text"].pin_memory().fixed_size()
 
     def fn():
@@ -231,8 +224,8 @@ def write_profile(fn, device, out_dir):
             torch.cuda.synchronize(device)
     avg = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"train_step_profile_{card_slug(device)}.txt")
+    path = os.path.join(out_dir, "train_step", f"{card_slug(device)}_profile.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"three 'ours' steps on {device_name(device)}\n")
         f.write(avg.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n")
@@ -255,7 +248,7 @@ def main():
                    help="also time 'ours' captured in a CUDA graph (train.cuda_graph), right after eager 'ours'")
     p.add_argument("--perceptual", action="store_true", help="CPU: add the random-VGG perceptual term too")
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--tag", default="", help="results file name: train_step[_TAG]_<card>.json")
+    p.add_argument("--tag", default="", help="results file: bench/results/train_step/<card>[_TAG].json")
     p.add_argument("--profile", metavar="DIR", help="write the profiler table of three 'ours' steps to DIR")
     args = p.parse_args()
     if args.compile == "blocks" and not args.skip_reference:
@@ -266,10 +259,10 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # what lgvq_fast.train sets on CUDA (train.cudnn_benchmark)
+        torch.backends.cudnn.benchmark = True  # what the trainer sets on CUDA (train.cudnn_benchmark)
     s = setup(device, args)
     if args.compile:
-        from lgvq_fast.train import compile_model
+        from lgvq_fast.training.step import compile_model
 
         compiled = compile_model(s["model"], args.compile)
     else:
@@ -320,8 +313,7 @@ def main():
     print_table(rows, [("variant", "variant"), ("ms", "ms"), ("images_per_s", "images/s"),
                        ("peak_extra_mem", "peak extra mem"), ("speedup_vs_reference", "vs reference"),
                        ("speedup_vs_official_style", "vs official-style")])
-    name = "train_step" + (f"_{args.tag}" if args.tag else "")
-    path = write_results(name, device, rows, extra={"shape": shape})
+    path = write_results("train_step", device, rows, extra={"shape": shape}, tag=args.tag)
     print(f"wrote {path}")
 
 

@@ -119,7 +119,7 @@ def _config_key(config):
 
 
 # When D is wider than BLOCK_D the kernel loops over D and the sm_90 cubins of most configs spill registers
-# (Triton 3.6, fp32 operands: 100 B to 3 KB of stack per thread, bench/results/triton_aot_sm90_triton3.6.txt).
+# (Triton 3.6, fp32 operands: 100 B to 3 KB of stack per thread, bench/results/triton_aot/sm_90_triton3.6.txt).
 # Only these are tried then: the three that spilled least among the first thirteen (stack at most 616 B in
 # tf32x3 mode, 24 B in the others) and two smaller 8-warp tiles that spill nothing (64 x 128) or at most 16 B
 # (128 x 64) in every mode. Every config stays for a D that fits one chunk, where none spills.

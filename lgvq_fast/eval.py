@@ -17,66 +17,9 @@ if __name__ == "__main__" and os.path.abspath(sys.path[0] or ".") == os.path.dir
     # imported as installed (pip install -e .), and the repository root is never added.
     del sys.path[0]
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
-from lgvq_fast.train_config import ConfigError
-from lgvq_fast.train_utils import one_line_error
-from lgvq_fast.training.errors import RunError
-
-
-class EvalError(ConfigError):
-    """A user error of the eval command line (bad option, unreadable checkpoint, weights that do not fit, unreadable
-    data): ``cli`` prints it as one ``eval.py: error:`` line with exit status 2 (``LGVQ_TRACEBACK=1`` shows the
-    traceback)."""
-
-
-class NonFiniteMetrics(RunError):
-    """The evaluated model gives NaN or inf metrics: the JSON holds null for them and the exit status is 3."""
-
-    status = 3
-
-
-def to_uint8(x):
-    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3]."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_recon_grid(x, x_rec, path, scale=None):
-    """PNG with the inputs on the top row and their reconstructions below."""
-    a, b = to_uint8(x), to_uint8(x_rec)
-    n, h, w, _ = a.shape
-    grid = np.concatenate([np.concatenate(list(a), axis=1), np.concatenate(list(b), axis=1)], axis=0)
-    img = Image.fromarray(grid)
-    scale = scale or max(1, 128 // h)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def save_usage_histogram(counts, path, width=512, height=160):
-    """Bar chart (PNG) of how often each code was picked, codes sorted by frequency."""
-    counts = torch.as_tensor(counts).float().sort(descending=True).values
-    k = counts.numel()
-    img = Image.new("RGB", (width, height + 20), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    top = float(counts.max()) or 1.0
-    for i, c in enumerate(counts.tolist()):
-        x0 = int(i * width / k)
-        x1 = max(x0, int((i + 1) * width / k) - 1)
-        y = height - int(c / top * (height - 4))
-        draw.rectangle([x0, y, x1, height], fill=(60, 90, 200))
-    used = int((counts > 0).sum())
-    draw.text((4, height + 4), f"codes used: {used}/{k} (sorted by frequency)", fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+from lgvq_fast.errors import EvalError, NonFiniteMetrics, one_line_error, run_cli
 
 
 def mask_k_words(text, k, generator):
@@ -454,8 +397,6 @@ def cli(argv=None):
     """``main`` for the command line: a user error (missing or unreadable checkpoint, data or model file, weights
     that do not fit the model, bad --device / --out / --inception) is one ``eval.py: error:`` line, exit status 2;
     a model whose metrics are NaN or inf gets null for them in the JSON and exit status 3."""
-    from lgvq_fast.train_utils import run_cli
-
     return run_cli(main, "eval.py", argv)
 
 

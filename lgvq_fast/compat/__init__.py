@@ -8,7 +8,7 @@ is ``lgvq_fast.ops.nearest_code`` and the EMA update ``lgvq_fast.ops.ema_update_
 imported (nor needed) by this package; the classes load on first access.
 """
 
-__all__ = ["VectorQuantize", "LossBreakdown", "VectorQuantizer2"]
+__all__ = ["LossBreakdown", "VectorQuantize", "VectorQuantizer2"]
 
 
 def __getattr__(name):

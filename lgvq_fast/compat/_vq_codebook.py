@@ -90,28 +90,10 @@ class Codebook(nn.Module):
     """vector-quantize-pytorch's ``Codebook`` on ``ops.nearest_code`` and ``ops.ema_update_`` (module docstring)."""
 
     def __init__(
-        self,
-        dim,
-        codebook_size,
-        num_codebooks=1,
-        kmeans_init=False,
-        kmeans_iters=10,
-        sync_kmeans=True,
-        decay=0.8,
-        eps=1e-5,
-        threshold_ema_dead_code=2,
-        reset_cluster_size=None,
-        use_ddp=False,
-        learnable_codebook=False,
-        sample_codebook_temp=1.0,
-        stochastic_sample_codes=False,
-        straight_through=False,
-        ema_update=True,
-        manual_ema_update=False,
-        use_cosine_sim=False,
-        vq_bridge=None,
-        precision="exact",
-        impl="auto",
+        self, dim, codebook_size, num_codebooks=1, kmeans_init=False, kmeans_iters=10, sync_kmeans=True, decay=0.8,
+        eps=1e-5, threshold_ema_dead_code=2, reset_cluster_size=None, use_ddp=False, learnable_codebook=False,
+        sample_codebook_temp=1.0, stochastic_sample_codes=False, straight_through=False, ema_update=True,
+        manual_ema_update=False, use_cosine_sim=False, vq_bridge=None, precision="exact", impl="auto",
     ):
         super().__init__()
         self.transform_input = l2norm if use_cosine_sim else _identity

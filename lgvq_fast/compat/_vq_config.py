@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from lgvq_fast._backend import IMPLS
+
 NAME = "VectorQuantize"
 
 
@@ -76,6 +78,31 @@ def check_arguments(a):
             raise ValueError(f"{NAME}: {message}")
     if a["precision"] not in ("exact", "fast"):
         raise ValueError(f"{NAME}: precision must be 'exact' or 'fast', got {a['precision']!r}")
+
+
+def resolve_arguments(args):
+    """The constructor's arguments (its ``locals()``) with the peer's ``None`` defaults resolved, checked.
+
+    Returns a new dict; the order of the checks is the constructor's: unsupported features first, then
+    the argument rules (on the resolved values), then ``impl``.
+    """
+    a = dict(args)
+    check_unsupported(affine_param=a["affine_param"])
+    if a["ema_update"] is None:
+        a["ema_update"] = not a["directional_reparam"] and a["vq_bridge"] is None
+    if a["learnable_codebook"] is None:
+        a["learnable_codebook"] = a["directional_reparam"] or a["vq_bridge"] is not None
+    if a["rotation_trick"] is None:
+        a["rotation_trick"] = not a["directional_reparam"] and a["dim"] > 1
+    if a["codebook_dim"] is None:
+        a["codebook_dim"] = a["dim"]
+    check_arguments(a)
+    if a["impl"] not in IMPLS:
+        raise ValueError(f"{NAME}: impl must be one of {IMPLS}, got {a['impl']!r}")
+    if a["sync_codebook"] is None:
+        dist = torch.distributed
+        a["sync_codebook"] = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return a
 
 
 def check_input(vq, x, mask, lens):

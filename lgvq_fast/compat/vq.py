@@ -12,12 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lgvq_fast._backend import IMPLS
 from lgvq_fast.compat import _vq_math as vm
 from lgvq_fast.compat._vq_codebook import Codebook
-from lgvq_fast.compat._vq_config import check_arguments, check_input, check_unsupported
+from lgvq_fast.compat._vq_config import (
+    check_input,
+    check_unsupported,
+    resolve_arguments,
+)
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+# how forward's input was laid out, to lay the outputs out the same way
+_Layout = namedtuple("_Layout", ["only_one", "spatial", "need_transpose", "batch", "dtype"])
 
 
 def _sequential(*modules):
@@ -60,120 +65,78 @@ class VectorQuantize(nn.Module):
     """
 
     def __init__(
-        self,
-        dim,
-        codebook_size,
-        codebook_dim=None,
-        heads=1,
-        separate_codebook_per_head=False,
-        decay=0.8,
-        eps=1e-5,
-        freeze_codebook=False,
-        kmeans_init=False,
-        kmeans_iters=10,
-        sync_kmeans=True,
-        use_cosine_sim=False,
-        layernorm_after_project_in=False,
-        threshold_ema_dead_code=0,
-        channel_last=True,
-        accept_image_fmap=False,
-        accept_3d_fmap=False,
-        commitment_weight=1.0,
-        commitment_use_cross_entropy_loss=False,
-        orthogonal_reg_weight=0.0,
-        orthogonal_reg_active_codes_only=False,
-        orthogonal_reg_max_codes=None,
-        codebook_diversity_loss_weight=0.0,
-        codebook_diversity_temperature=100.0,
-        stochastic_sample_codes=False,
-        sample_codebook_temp=1.0,
-        straight_through=False,
-        rotation_trick=None,
-        directional_reparam=False,
-        directional_reparam_variance=5e-3,
-        sync_codebook=None,
-        sync_affine_param=False,
-        ema_update=None,
-        vq_bridge=None,
-        manual_ema_update=False,
-        learnable_codebook=None,
-        in_place_codebook_optimizer=None,
-        manual_in_place_optimizer_update=False,
-        affine_param=False,
-        affine_param_batch_decay=0.99,
-        affine_param_codebook_decay=0.9,
-        sync_update_v=0.0,
-        return_zeros_for_masked_padding=True,
-        route_gradients_to_input=True,
-        *,
-        precision="exact",
-        impl="auto",
+        self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
+        eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10, sync_kmeans=True,
+        use_cosine_sim=False, layernorm_after_project_in=False, threshold_ema_dead_code=0, channel_last=True,
+        accept_image_fmap=False, accept_3d_fmap=False, commitment_weight=1.0,
+        commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
+        orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
+        stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False, rotation_trick=None,
+        directional_reparam=False, directional_reparam_variance=5e-3, sync_codebook=None, sync_affine_param=False,
+        ema_update=None, vq_bridge=None, manual_ema_update=False, learnable_codebook=None,
+        in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False, affine_param=False,
+        affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
+        return_zeros_for_masked_padding=True, route_gradients_to_input=True, *, precision="exact", impl="auto",
     ):
         super().__init__()
-        check_unsupported(affine_param=affine_param)
-        ema_update = (not directional_reparam and vq_bridge is None) if ema_update is None else ema_update
-        if learnable_codebook is None:
-            learnable_codebook = directional_reparam or vq_bridge is not None
-        if rotation_trick is None:
-            rotation_trick = not directional_reparam and dim > 1
-        codebook_dim = dim if codebook_dim is None else codebook_dim
-        check_arguments(locals())
-        if impl not in IMPLS:
-            raise ValueError(f"VectorQuantize: impl must be one of {IMPLS}, got {impl!r}")
-        self.dim = dim
-        self.heads = heads
-        self.separate_codebook_per_head = separate_codebook_per_head
-        codebook_input_dim = codebook_dim * heads
-        requires_projection = codebook_input_dim != dim
+        a = resolve_arguments(locals())
         # built in the peer's order (project_in, project_out, codebook) so a seed gives the same weights
+        self._init_projections(a)
+        self._init_loss_settings(a)
+        self._codebook = self._build_codebook(a)
+        optimizer = a["in_place_codebook_optimizer"]
+        self.in_place_codebook_optimizer = optimizer(self._codebook.parameters()) if optimizer is not None else None
+        self.manual_in_place_optimizer_update = a["manual_in_place_optimizer_update"]
+        self.codebook_size = a["codebook_size"]
+        self.accept_image_fmap = a["accept_image_fmap"]
+        self.accept_3d_fmap = a["accept_3d_fmap"]
+        self.channel_last = a["channel_last"]
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        self.return_zeros_for_masked_padding = a["return_zeros_for_masked_padding"]
+        self.freeze_codebook = a["freeze_codebook"]
+
+    def _init_projections(self, a):
+        """``project_in``/``project_out`` between ``dim`` and ``codebook_dim * heads`` (identities when equal)."""
+        dim = a["dim"]
+        self.dim = dim
+        self.heads = a["heads"]
+        self.separate_codebook_per_head = a["separate_codebook_per_head"]
+        codebook_input_dim = a["codebook_dim"] * a["heads"]
+        requires_projection = codebook_input_dim != dim
         self.project_in = _sequential(
             nn.Linear(dim, codebook_input_dim),
-            nn.LayerNorm(codebook_input_dim) if layernorm_after_project_in else None,
+            nn.LayerNorm(codebook_input_dim) if a["layernorm_after_project_in"] else None,
         ) if requires_projection else nn.Identity()
         self.project_out = nn.Linear(codebook_input_dim, dim) if requires_projection else nn.Identity()
         self.has_projections = requires_projection
-        self.eps = eps
-        self.has_commitment_loss = commitment_weight > 0.0 and not directional_reparam
-        self.commitment_weight = commitment_weight
-        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
-        self.learnable_codebook = learnable_codebook
-        self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0.0
-        self.orthogonal_reg_weight = orthogonal_reg_weight
-        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
-        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0.0
-        self.codebook_diversity_temperature = codebook_diversity_temperature
-        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
-        self.rotation_trick = rotation_trick
-        self.directional_reparam = directional_reparam
-        self.directional_reparam_variance = directional_reparam_variance
-        self.route_gradients_to_input = route_gradients_to_input
-        self.sync_update_v = sync_update_v
-        if sync_codebook is None:
-            dist = torch.distributed
-            sync_codebook = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.use_cosine_sim = use_cosine_sim
-        self._codebook = Codebook(
-            dim=codebook_dim, codebook_size=codebook_size,
-            num_codebooks=heads if separate_codebook_per_head else 1,
-            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, sync_kmeans=sync_kmeans, decay=decay, eps=eps,
-            threshold_ema_dead_code=threshold_ema_dead_code, use_ddp=sync_codebook,
-            learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook,
-            sample_codebook_temp=sample_codebook_temp, stochastic_sample_codes=stochastic_sample_codes,
-            straight_through=straight_through, ema_update=ema_update, manual_ema_update=manual_ema_update,
-            use_cosine_sim=use_cosine_sim, vq_bridge=vq_bridge, precision=precision, impl=impl,
+
+    def _init_loss_settings(self, a):
+        """The loss weights and the gradient-routing choices, as the peer names them."""
+        self.eps = a["eps"]
+        self.has_commitment_loss = a["commitment_weight"] > 0.0 and not a["directional_reparam"]
+        for key in ("commitment_weight", "commitment_use_cross_entropy_loss", "learnable_codebook"):
+            setattr(self, key, a[key])
+        self.has_codebook_orthogonal_loss = a["orthogonal_reg_weight"] > 0.0
+        for key in ("orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes"):
+            setattr(self, key, a[key])
+        self.has_codebook_diversity_loss = a["codebook_diversity_loss_weight"] > 0.0
+        for key in ("codebook_diversity_temperature", "codebook_diversity_loss_weight", "rotation_trick",
+                    "directional_reparam", "directional_reparam_variance", "route_gradients_to_input",
+                    "sync_update_v", "use_cosine_sim"):
+            setattr(self, key, a[key])
+
+    def _build_codebook(self, a):
+        return Codebook(
+            dim=a["codebook_dim"], codebook_size=a["codebook_size"],
+            num_codebooks=a["heads"] if a["separate_codebook_per_head"] else 1,
+            kmeans_init=a["kmeans_init"], kmeans_iters=a["kmeans_iters"], sync_kmeans=a["sync_kmeans"],
+            decay=a["decay"], eps=a["eps"], threshold_ema_dead_code=a["threshold_ema_dead_code"],
+            use_ddp=a["sync_codebook"], learnable_codebook=self.has_codebook_orthogonal_loss or a["learnable_codebook"],
+            sample_codebook_temp=a["sample_codebook_temp"], stochastic_sample_codes=a["stochastic_sample_codes"],
+            straight_through=a["straight_through"], ema_update=a["ema_update"],
+            manual_ema_update=a["manual_ema_update"], use_cosine_sim=a["use_cosine_sim"], vq_bridge=a["vq_bridge"],
+            precision=a["precision"], impl=a["impl"],
         )
-        self.in_place_codebook_optimizer = (
-            in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None
-            else None)
-        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
-        self.codebook_size = codebook_size
-        self.accept_image_fmap = accept_image_fmap
-        self.accept_3d_fmap = accept_3d_fmap
-        self.channel_last = channel_last
-        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
-        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
-        self.freeze_codebook = freeze_codebook
 
     @property
     def ema_update(self):
@@ -268,56 +231,86 @@ class VectorQuantize(nn.Module):
                 ema_update_weight=None, accum_ema_update=False, ema_update=None):
         check_unsupported(topk=topk, codebook_transform_fn=codebook_transform_fn)
         check_input(self, x, mask, lens)
-        orig_input, input_requires_grad = x, x.requires_grad
+        input_requires_grad = x.requires_grad
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         if lens is not None:
             # the sequence length (the peer takes x.shape[1], the feature size for channel_last=False, and fails)
             mask = vm.lens_to_mask(lens, x.shape[1] if self.channel_last else x.shape[-1])
-        only_one = x.ndim == 2
-        if only_one:
-            x = x[:, None, :]
-        batch, dtype, heads = x.shape[0], x.dtype, self.heads
-        multi = heads > 1
-        x, spatial = vm.to_tokens(x, self.accept_image_fmap, self.accept_3d_fmap)
-        need_transpose = not self.channel_last and spatial is None and not only_one
-        if need_transpose:
-            x = x.transpose(1, 2)
-            orig_input = orig_input.transpose(1, 2)
-        x = self._codebook_input(x)
+        x, orig_input, layout = self._to_codebook_layout(x)
         need_dist = indices is not None or (self.training and (
             (self.has_commitment_loss and self.commitment_use_cross_entropy_loss) or self.has_codebook_diversity_loss))
         kwargs = {"sample_codebook_temp": sample_codebook_temp, "mask": mask, "freeze_codebook": freeze_codebook,
                   "ema_update_weight": ema_update_weight, "accum_ema_update": accum_ema_update,
                   "ema_update": ema_update, "need_dist": need_dist}
         quantize, embed_ind, distances = self._codebook(x, **kwargs)
-        quantize = quantize.type(dtype)
-        commit_loss = orthogonal_reg_loss = inplace_optimize_loss = codebook_diversity_loss = self.zero
+        quantize = quantize.type(layout.dtype)
+        inplace_optimize_loss = self.zero
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
             inplace_optimize_loss = self._in_place_step(quantize, x, mask)
             quantize, embed_ind, distances = self._codebook(x, update_usage=False, **kwargs)
+        commit_quantize = None
         if self.training:
             keep_graph = self.learnable_codebook and not freeze_codebook
             commit_quantize = quantize if keep_graph else quantize.detach()
-            if input_requires_grad and self.route_gradients_to_input:
-                if self.rotation_trick:
-                    quantize = vm.rotate_to(x, quantize)
-                elif self.directional_reparam:
-                    quantize = vm.directional_reparam(x, quantize, self.directional_reparam_variance)
-                else:
-                    quantize = vm.straight_through(x, quantize)
-            if self.sync_update_v > 0.0:
-                # update rule (21) of the vqtorch draft
-                quantize = quantize + self.sync_update_v * (quantize - quantize.detach())
+            quantize = self._route_gradients(x, quantize, input_requires_grad)
         if indices is not None:
-            return quantize, vm.cross_entropy_on_distances(distances, indices, heads, self.separate_codebook_per_head,
-                                                           batch)
-        if multi:
-            embed_ind = vm.merge_heads(embed_ind, heads, self.separate_codebook_per_head, batch)
-        if spatial is not None:
-            embed_ind = vm.from_tokens(embed_ind, spatial, channel=False)
+            return quantize, vm.cross_entropy_on_distances(distances, indices, self.heads,
+                                                           self.separate_codebook_per_head, layout.batch)
+        embed_ind = self._indices_to_output_layout(embed_ind, layout)
+        loss, commit_loss, codebook_diversity_loss, orthogonal_reg_loss = self._training_losses(
+            commit_quantize, x, orig_input, mask, distances, embed_ind, layout.batch)
+        quantize = self._quantize_to_output_layout(quantize, layout)
+        if mask is not None:
+            quantize, embed_ind = self._fill_masked(quantize, embed_ind, orig_input, mask)
+        quantize = self._restore_input_layout(quantize, layout)
+        if not return_loss_breakdown:
+            return quantize, embed_ind, loss
+        return quantize, embed_ind, loss, LossBreakdown(commit_loss, codebook_diversity_loss, orthogonal_reg_loss,
+                                                        inplace_optimize_loss)
+
+    def _to_codebook_layout(self, x):
+        """``x`` as the codebook takes it (tokens, projected, split into heads), the input the masked
+        commitment loss compares with (``orig_input``, channel-last), and the layout to restore."""
+        orig_input = x
+        only_one = x.ndim == 2
         if only_one:
+            x = x[:, None, :]
+        batch, dtype = x.shape[0], x.dtype
+        x, spatial = vm.to_tokens(x, self.accept_image_fmap, self.accept_3d_fmap)
+        need_transpose = not self.channel_last and spatial is None and not only_one
+        if need_transpose:
+            x = x.transpose(1, 2)
+            orig_input = orig_input.transpose(1, 2)
+        layout = _Layout(only_one=only_one, spatial=spatial, need_transpose=need_transpose, batch=batch, dtype=dtype)
+        return self._codebook_input(x), orig_input, layout
+
+    def _route_gradients(self, x, quantize, input_requires_grad):
+        """Training: the input's gradient through the codes (rotation trick, directional reparam or
+        straight-through), then the vqtorch ``sync_update_v`` term."""
+        if input_requires_grad and self.route_gradients_to_input:
+            if self.rotation_trick:
+                quantize = vm.rotate_to(x, quantize)
+            elif self.directional_reparam:
+                quantize = vm.directional_reparam(x, quantize, self.directional_reparam_variance)
+            else:
+                quantize = vm.straight_through(x, quantize)
+        if self.sync_update_v > 0.0:
+            # update rule (21) of the vqtorch draft
+            quantize = quantize + self.sync_update_v * (quantize - quantize.detach())
+        return quantize
+
+    def _indices_to_output_layout(self, embed_ind, layout):
+        if self.heads > 1:
+            embed_ind = vm.merge_heads(embed_ind, self.heads, self.separate_codebook_per_head, layout.batch)
+        if layout.spatial is not None:
+            embed_ind = vm.from_tokens(embed_ind, layout.spatial, channel=False)
+        if layout.only_one:
             embed_ind = embed_ind[:, 0]
-        loss = self.zero
+        return embed_ind
+
+    def _training_losses(self, commit_quantize, x, orig_input, mask, distances, embed_ind, batch):
+        """``(loss, commitment, codebook_diversity, orthogonal_reg)``: all ``self.zero`` outside training."""
+        loss = commit_loss = codebook_diversity_loss = orthogonal_reg_loss = self.zero
         if self.training:
             loss.requires_grad_()
             if self.has_codebook_diversity_loss:
@@ -329,25 +322,32 @@ class VectorQuantize(nn.Module):
             if self.has_codebook_orthogonal_loss:
                 orthogonal_reg_loss = self._orthogonal(embed_ind, x.device)
                 loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
-        if multi:
-            quantize = vm.merge_heads(quantize, heads, self.separate_codebook_per_head, batch)
+        return loss, commit_loss, codebook_diversity_loss, orthogonal_reg_loss
+
+    def _quantize_to_output_layout(self, quantize, layout):
+        """Heads merged and ``project_out`` applied: ``[b, n, dim]`` tokens."""
+        if self.heads > 1:
+            quantize = vm.merge_heads(quantize, self.heads, self.separate_codebook_per_head, layout.batch)
             quantize = quantize.reshape(*quantize.shape[:2], -1)
-        quantize = self.project_out(quantize)
-        if mask is not None:
-            fill = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
-            quantize = torch.where(mask[..., None], quantize, fill)
-            ind_mask = mask.reshape(*mask.shape, *([1] * (embed_ind.ndim - 2)))
-            embed_ind = torch.where(ind_mask, embed_ind, -1)
-        if need_transpose:
+        return self.project_out(quantize)
+
+    def _fill_masked(self, quantize, embed_ind, orig_input, mask):
+        """Padding positions: zeros (or the input) in ``quantize``, ``-1`` in the indices."""
+        fill = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
+        quantize = torch.where(mask[..., None], quantize, fill)
+        ind_mask = mask.reshape(*mask.shape, *([1] * (embed_ind.ndim - 2)))
+        return quantize, torch.where(ind_mask, embed_ind, -1)
+
+    @staticmethod
+    def _restore_input_layout(quantize, layout):
+        """Tokens back to the input's layout (channel-first, feature map, or one vector per row)."""
+        if layout.need_transpose:
             quantize = quantize.transpose(1, 2)
-        if spatial is not None:
-            quantize = vm.from_tokens(quantize, spatial, channel=True)
-        if only_one:
+        if layout.spatial is not None:
+            quantize = vm.from_tokens(quantize, layout.spatial, channel=True)
+        if layout.only_one:
             quantize = quantize[:, 0]
-        if not return_loss_breakdown:
-            return quantize, embed_ind, loss
-        return quantize, embed_ind, loss, LossBreakdown(commit_loss, codebook_diversity_loss, orthogonal_reg_loss,
-                                                        inplace_optimize_loss)
+        return quantize
 
     def _in_place_step(self, quantize, x, mask):
         if mask is not None:

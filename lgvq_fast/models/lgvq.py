@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 
+from lgvq_fast._fields import are_numbers, check_choice, check_ints, check_range, is_int, is_number
+from lgvq_fast.errors import ConfigError
 from lgvq_fast.models._nvtx import nvtx_range
 from lgvq_fast.models.ram import RelationAlignment
 from lgvq_fast.models.sam import SemanticAlignment, gsa_loss
@@ -78,6 +80,13 @@ class LGVQConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> "LGVQConfig":
+        """Reject values no model can use, naming the field (``ConfigError``); returns ``self``."""
+        _validate_sizes(self)
+        _validate_weights(self)
+        _validate_quantizer(self)
+        return self
+
     @classmethod
     def from_dict(cls, d: dict) -> "LGVQConfig":
         names = {f.name for f in fields(cls)}
@@ -136,6 +145,67 @@ def preset(name: str, **overrides) -> LGVQConfig:
     if unknown:
         raise ValueError(f"preset {name!r}: unknown LGVQConfig field(s) {unknown}")
     return replace(PRESETS[name](), **overrides)
+
+
+_WEIGHTS = ("commitment_weight", "w_gsa", "w_mtp", "w_ras", "perceptual_weight", "disc_weight", "disc_factor",
+            "codebook_weight", "label_smoothing", "dropout", "mtp_dropout")
+
+
+def _validate_sizes(m: LGVQConfig):
+    check_ints(m, "model", ("codebook_size", "embed_dim", "resolution", "max_text_len", "ch"), least=1)
+    mult = tuple(m.ch_mult) if isinstance(m.ch_mult, (tuple, list)) else ()
+    if not mult or not all(is_int(v) and v > 0 for v in mult):
+        raise ConfigError(f"model.ch_mult must be one or more positive integers, got {m.ch_mult!r}")
+    if any((m.ch * v) % 32 for v in mult):
+        raise ConfigError(f"model.ch * model.ch_mult must be multiples of 32 (GroupNorm with 32 groups), got ch={m.ch}, "
+                          f"ch_mult={mult}")
+    factor = 2 ** (len(m.ch_mult) - 1)
+    if m.resolution % factor:
+        raise ConfigError(f"model.resolution {m.resolution} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
+                          f"(ch_mult {tuple(m.ch_mult)})")
+
+
+def _validate_weights(m: LGVQConfig):
+    check_range(m, "model", _WEIGHTS, 0, 1e4, "a finite number in [0, 1e4]")
+    for name in ("label_smoothing", "dropout", "mtp_dropout"):
+        if getattr(m, name) >= 1:
+            raise ConfigError(f"model.{name} must be below 1, got {getattr(m, name)!r}")
+    if not (is_number(m.decay) and 0 <= m.decay < 1):
+        raise ConfigError(f"model.decay must be a number in [0, 1), got {m.decay!r}")
+    if not (are_numbers(m.mask_ratio_range, 2) and 0.0 <= m.mask_ratio_range[0] <= m.mask_ratio_range[1] <= 1.0):
+        raise ConfigError(f"model.mask_ratio_range must be two numbers 0 <= low <= high <= 1, got "
+                          f"{m.mask_ratio_range!r}")
+
+
+def _validate_quantizer(m: LGVQConfig):
+    """``quantizer`` and ``quantizer_kwargs``: unknown keys name themselves here instead of in a TypeError at build
+    time."""
+    import inspect
+
+    check_choice(m, "model", "quantizer", ("vq", "cvq"))
+    if not isinstance(m.quantizer_kwargs, dict):
+        raise ConfigError(f"model.quantizer_kwargs must be a dict, got {m.quantizer_kwargs!r}")
+    # the arguments _build_quantizer sets from the model config
+    taken = {"self", "dim", "codebook_size", "commitment_weight", "channel_last"}
+    if m.quantizer == "vq":
+        from lgvq_fast.quantize import VectorQuantizer as cls
+
+        taken |= {"legacy", "use_cosine_sim", "ema_update", "decay"}
+    else:
+        from lgvq_fast.quantize_cvq import CVQVectorQuantizer as cls
+    params = inspect.signature(cls.__init__).parameters
+    allowed = sorted(k for k, p in params.items() if k not in taken and p.kind != p.VAR_KEYWORD)
+    unknown = sorted(set(m.quantizer_kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.quantizer_kwargs: unknown key(s) {unknown} for quantizer {m.quantizer!r}; "
+                          f"allowed: {allowed}")
+    kw = m.quantizer_kwargs
+    v = kw.get("threshold_ema_dead_code", 0)
+    if not (is_number(v) and v >= 0):
+        raise ConfigError(f"model.quantizer_kwargs: threshold_ema_dead_code must be a number >= 0 (0: no restart), "
+                          f"got {v!r}")
+    if not isinstance(kw.get("check_finite", False), bool):
+        raise ConfigError(f"model.quantizer_kwargs: check_finite must be true or false, got {kw['check_finite']!r}")
 
 
 def _build_quantizer(cfg: LGVQConfig) -> nn.Module:

@@ -65,7 +65,10 @@ class VQGANLoss(nn.Module):
     def disc_active(self, global_step: int) -> bool:
         return self.disc_factor_at(global_step) > 0
 
-    def generator_loss(self, x, out, global_step: int, last_layer=None):
+    def generator_loss(self, x, out, global_step: int, last_layer=None, discriminator=None):
+        """``discriminator``: the network judging ``x_rec`` (default ``self.discriminator``; the trainer passes the
+        plain one with its parameters frozen, so the generator pass computes no weight gradients for it)."""
+        discriminator = self.discriminator if discriminator is None else discriminator
         x_rec = out["x_rec"]
         rec = (x.float() - x_rec.float()).abs()
         l1 = rec.mean()
@@ -81,7 +84,7 @@ class VQGANLoss(nn.Module):
         d_weight = torch.zeros((), device=x.device)
         loss = nll
         if factor > 0:
-            g_loss = -self.discriminator(x_rec).float().mean()
+            g_loss = -discriminator(x_rec).float().mean()
             if last_layer is not None and torch.is_grad_enabled():
                 d_weight = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
             else:
@@ -97,10 +100,13 @@ class VQGANLoss(nn.Module):
         logs["total"] = loss.detach()
         return loss, logs
 
-    def discriminator_loss(self, x, x_rec_detached, global_step: int):
-        """Always runs D (as the official code, times f_disc); callers may skip it while not disc_active."""
-        logits_real = self.discriminator(x.detach()).float()
-        logits_fake = self.discriminator(x_rec_detached.detach()).float()
+    def discriminator_loss(self, x, x_rec_detached, global_step: int, discriminator=None):
+        """Always runs D (as the official code, times f_disc); callers may skip it while not disc_active.
+        ``discriminator``: the network to train (default ``self.discriminator``; under DDP its wrapper, so the
+        gradients are averaged over the processes)."""
+        discriminator = self.discriminator if discriminator is None else discriminator
+        logits_real = discriminator(x.detach()).float()
+        logits_fake = discriminator(x_rec_detached.detach()).float()
         factor = self.disc_factor_at(global_step)
         loss = factor * hinge_d_loss(logits_real, logits_fake)
         logs = {"d_loss": loss.detach(), "logits_real": logits_real.detach().mean(),

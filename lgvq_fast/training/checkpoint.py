@@ -11,13 +11,17 @@
 import glob
 import hashlib
 import os
+import random
 import re
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lgvq_fast.training.errors import CheckpointWriteError
+from lgvq_fast.errors import CheckpointWriteError, ConfigError
+from lgvq_fast.training.distributed import all_agree
+from lgvq_fast.training.run_folder import has_summary, tidy_folder
 
 
 def payload_digest(obj):
@@ -253,3 +257,237 @@ class CheckpointIO:
         if bad:
             raise ValueError(f"checkpoint {path} holds non-finite values ({', '.join(bad)})")
         return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a checkpoint holds beyond the weights: the position in the data, the RNG state, the optimizer moments.
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, and the batch of the current epoch it continues at."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def advance(self):
+        self.step += 1
+        self.batch_in_epoch += 1
+
+    def next_epoch(self):
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def capture_rng(device):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state, device):
+    # Both setters take a CPU ByteTensor; a checkpoint loaded with map_location="cuda" holds them on the GPU.
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def seed_or_restore_rng(run, seed, saved=None):
+    """Before the first step: the RNG states ``saved`` by the run resumed from (this rank's, or rank 0's when the
+    run had fewer processes), else the fresh seed ``seed + rank``. ``run``: the run's context."""
+    if saved is not None:
+        restore_rng(saved[run.rank] if run.rank < len(saved) else saved[0], run.device)
+    else:
+        torch.manual_seed(seed + run.rank)
+
+
+def gather_rng(device, world):
+    """RNG state of every rank (rank order), so a resumed multi-process run continues each rank's stream."""
+    mine = capture_rng(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def load_optimizer_state(opt, saved):
+    """``opt.load_state_dict(saved)`` keeping this run's settings: PyTorch restores every hyperparameter of the
+    checkpoint's groups, so a run resumed with another ``--lr`` or ``train.cuda_graph`` would silently train with
+    the old lr, or with an Adam that cannot be captured. The moments and step counts are the checkpoint's; the
+    step counter moves to the parameters' device when the optimizer is fused or capturable, as Adam keeps it, and
+    the moments take their parameter's memory format (a run resumed with another ``train.channels_last``)."""
+    keep = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, settings in zip(opt.param_groups, keep):
+        group.update(settings)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if on_device and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+            for k, v in st.items():
+                # moments saved from a run in the other memory format (train.channels_last changed on resume):
+                # the fused Adam needs them laid out as their parameter
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def state_sha256(state_dict):
+    """Digest of every tensor of a state dict: equal digests mean bit-identical weights and buffers."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# settings that may change on resume without changing what is trained
+RESUME_NEUTRAL = {"train.steps", "train.out", "train.resume", "train.ckpt_every", "train.keep_last",
+                  "train.sample_every", "train.eval_every", "train.log_every", "train.val_batch", "train.progress",
+                  "train.device", "train.compile", "train.compile_scope", "train.cuda_graph", "train.channels_last",
+                  "train.batch_size", "train.dist_timeout",
+                  "data.num_workers", "data.skip_bad_samples"}
+
+
+def config_changes(saved, now, sections=("model", "data", "train")):
+    """``"section.key: saved -> now"`` for each setting of ``sections`` that differs between a checkpoint's stored
+    config and this run's (those that do not change the training, e.g. ``train.steps``, left out)."""
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for section in sections:
+        a, b = saved.get(section) or {}, now.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            va, vb = a.get(key), b.get(key)
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if name not in RESUME_NEUTRAL and va != vb:
+                out.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def load_resume_state(ckpt, resume, device, log=print):
+    """``(path, state)`` of the checkpoint ``resume`` names (``"auto"``: the latest readable one in the run's
+    folder, falling back to older ones past an unreadable file; ``(None, None)`` when there is none)."""
+    if resume != "auto":
+        return resume, ckpt.load(resume, device)
+    candidates = list(reversed(ckpt.all()))
+    for path in candidates:
+        try:
+            return path, ckpt.load(path, device)
+        except ValueError as e:
+            log(f"warning: {e}; trying the checkpoint before it")
+    if candidates:
+        raise ValueError(f"--resume auto: none of the {len(candidates)} checkpoints in {ckpt.dir} can be read")
+    return None, None
+
+
+def resume_from(state, path, cfg_dict, nets, batches_per_epoch, world, log=print):
+    """Load a checkpoint's weights and optimizer moments into ``nets`` (``model``, ``discriminator``, ``opt_g``,
+    ``opt_d``: this run's objects) and return the :class:`Position` to continue at. ``cfg_dict``: this run's
+    config as a dict. A changed number of processes or batch size keeps the position in the epoch in images."""
+    t = cfg_dict["train"]
+    try:
+        nets["model"].load_state_dict(state["model"])
+        nets["discriminator"].load_state_dict(state["discriminator"])
+        for key in ("opt_g", "opt_d"):
+            load_optimizer_state(nets[key], state[key])
+    except (RuntimeError, ValueError, KeyError) as e:
+        changed = config_changes(state.get("config"), cfg_dict, sections=("model",))
+        why = f"its model settings differ: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"cannot resume from {path}: the weights do not fit this run's model ({why})") from e
+    pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+    changed = config_changes(state.get("config"), cfg_dict)
+    if changed:
+        log(f"warning: resuming {path} with changed settings ({'; '.join(changed)}): the run continues "
+            "but does not repeat the uninterrupted one")
+    saved_world = int(state.get("world_size", world))
+    saved_batch = int(state.get("config", {}).get("train", {}).get("batch_size", t["batch_size"]))
+    if (saved_world, saved_batch) != (world, t["batch_size"]):
+        # Keep the position in the epoch in images, not batches: continue at the first global batch
+        # of the new size not fully seen (at most one batch of images is seen twice).
+        seen = pos.batch_in_epoch * saved_world * saved_batch
+        pos.batch_in_epoch = seen // (world * t["batch_size"])
+        if pos.batch_in_epoch >= batches_per_epoch:
+            pos.next_epoch()
+        log(f"warning: {path} was written by {saved_world} process(es) x batch {saved_batch}, this run "
+            f"has {world} x {t['batch_size']}: it continues at step {pos.step} after {seen} images of epoch "
+            f"{state['epoch']}, but its data order differs from an uninterrupted run")
+    log(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch})")
+    return pos
+
+
+def save_checkpoint(ckpt, nets, pos, cfg_dict, usage, run, guard, reason):
+    """Write the run's checkpoint at ``pos`` (rank 0; ``ckpt`` is None on the other ranks), after checking that
+    no loss went non-finite since the last check and that the whole model and optimizer state is finite (else
+    :class:`~lgvq_fast.errors.Diverged`, nothing written). Every rank contributes its RNG state; a failed write
+    on rank 0 stops every rank with :class:`CheckpointWriteError`. ``run``: the run's context (device, world,
+    watch, log)."""
+    guard.check(pos.step)
+    state = {"model": nets["model"].state_dict(), "discriminator": nets["discriminator"].state_dict(),
+             "opt_g": nets["opt_g"].state_dict(), "opt_d": nets["opt_d"].state_dict(), "step": pos.step,
+             "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "config": cfg_dict, "world_size": run.world,
+             "code_usage": usage}
+    # a loss can be finite while the update it drove left NaN weights or moments (a corrupt Adam state):
+    # check the whole state, one reduction per dtype and one host read
+    bad = nonfinite_entries({k: state[k] for k in ("model", "discriminator", "opt_g", "opt_d")})
+    if bad:
+        raise guard.error(f"the model or optimizer state is not finite after step {pos.step} ({', '.join(bad)})")
+    with run.watch.collective(f"the RNG gather of the step-{pos.step} checkpoint"):
+        state["rng"] = gather_rng(run.device, run.world)
+    failure = None
+    if ckpt is not None:
+        try:
+            path = ckpt.save(state, pos.step)
+            run.log(f"checkpoint ({reason}): {path}")
+        except CheckpointWriteError as e:
+            failure = e
+    if run.world > 1:
+        failed = all_agree(failure is not None, run.device, run.watch, f"the step-{pos.step} checkpoint barrier")
+        if failure is None and failed:
+            failure = CheckpointWriteError(f"rank 0 could not write the step-{pos.step} checkpoint")
+    if failure is not None:
+        raise failure
+
+
+@dataclass
+class Start:
+    """Where a run starts: its :class:`Position`, the RNG states to restore (one per rank of the run resumed from;
+    None for a fresh run) and ``done`` (resumed at or past ``--steps`` with its summary written)."""
+
+    pos: Position
+    rng: list | None = None
+    done: bool = False
+
+
+def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path):
+    """Resume (``train.resume``: a path or "auto") or start fresh, before the first step: loads the checkpoint into
+    ``nets`` and ``usage``, and tidies the run's folder on rank 0 (temp files of cut-short writes removed, later or
+    earlier runs' checkpoints moved aside: ``run_folder.tidy_folder``). ``run``: the run's context."""
+    t = cfg.train
+    if run.is_main:
+        stale = ckpt.remove_stale_temps()
+        if stale:
+            run.log(f"removed {len(stale)} temp file(s) of checkpoint writes that were cut short: {', '.join(stale)}")
+    path, state = load_resume_state(ckpt, t.resume, run.device, run.log) if t.resume else (None, None)
+    if t.resume == "auto" and path is None:
+        run.log(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
+    start = Start(Position())
+    if state is not None:
+        start.pos = resume_from(state, path, cfg.to_dict(), nets, sampler.batches_per_epoch(), run.world, run.log)
+        start.rng = state["rng"] if start.pos.step > 0 else None
+        if "code_usage" in state and state["code_usage"].shape == usage.shape:
+            usage.copy_(state["code_usage"])
+        if start.pos.step >= t.steps and has_summary(metrics_path, start.pos.step):
+            run.log(f"{path} is at step {start.pos.step}, at or past --steps {t.steps}, and its summary is written: "
+                    "nothing to train (no file written)")
+            start.done = True
+            return start
+    run.barrier("the start-up barrier")  # every rank has read its checkpoint before rank 0 moves any aside
+    if run.is_main:
+        tidy_folder(ckpt, metrics_path, start.pos.step if state is not None else None, run.log)
+    return start

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lgvq_fast.training.errors import PeerTimeout
+from lgvq_fast.errors import PeerTimeout
 
 DEFAULT_TIMEOUT_S = {"gloo": 300, "nccl": 900}
 # what a collective raises when a peer does not answer or went away (gloo, NCCL, the TCP store)
@@ -119,3 +119,21 @@ class PeerWatch:
         except Exception as e:
             return f"the store did not answer ({type(e).__name__}): the rank hosting it (rank 0) may be the one"
         return "; ".join(quiet) if quiet else "every other rank's heartbeat is recent: one is slow or elsewhere"
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """``print`` on rank 0 only, flushed at once."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def all_agree(flag, device, watch, what):
+    """True on every rank when ``flag`` is true on any rank (one all-reduce under ``watch``)."""
+    with watch.collective(what):
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t)
+    return bool(t.item() > 0)
