@@ -28,6 +28,7 @@ PACKAGES = [
     "lgvq_fast.data",
     "lgvq_fast.training",
     "lgvq_fast.compat",
+    "lgvq_fast.downstream",
     "lgvq_fast.kernels",
 ]
 

@@ -1,16 +1,17 @@
 """Does training with the LG-VQ text losses align the codes with text better than training without them?
 
-    python bench/alignment_ablation.py [--steps 300] [--seeds 0 1 2] [--weights 0.1 0.01]
+    python bench/alignment_ablation.py [--steps N] [--seeds 0 1 2] [--weights 0.1 0.01]
 
-For every seed, tiny-cpu runs on the captioned-shapes data with identical settings (seed, steps, batch, lr, data
-order, initial weights, every random draw), one with ``--no-text-losses`` and one per text-loss weight (GSA + MTP +
-RAS). The trainer makes the arms differ only through the text losses: at weight 0 a text run is bit-identical to
+For every seed, tiny-cpu runs on the captioned-shapes data with identical settings (the preset's: steps unless
+``--steps``, batch, lr schedule, GAN start; seed, data order, initial weights, every random draw), one with
+``--no-text-losses`` and one per text-loss weight (GSA + MTP + RAS; default the preset's). The trainer makes the arms differ only through the text losses: at weight 0 a text run is bit-identical to
 the run without them (tests/training/test_train_loop.py). Without the text losses the
 alignment heads get no training, so their metrics would be chance by construction. To compare the codes
 themselves, both tokenizers then go through the same probe: the encoder, codebook and decoder are frozen,
 freshly initialised alignment heads (f_vt, MTP decoder, RAM projection) are trained for ``--probe-steps`` steps
 with the text losses on the train split, and the probed heads are evaluated on held-out val captions
-(masked-word accuracy with 1 and 3 masked words, caption<->image R@1 over the val set). The text runs' own
+(masked-word accuracy with 1 and 3 masked words in both protocols, caption<->image R@1 over the val set, the
+code-word relation MSE of Table 4). The text runs' own
 jointly trained heads are reported too. The summary gives each arm's mean and standard deviation over seeds and
 the paired (same seed) difference to the run without text losses. Writes
 bench/results/alignment_ablation/cpu[_<name>].json and prints a Markdown table.
@@ -29,7 +30,7 @@ def train_run(out, steps, seed, text_losses, weight=None):
     from lgvq_fast import train as train_mod
 
     args = ["--out", out, "--steps", str(steps), "--seed", str(seed), "--no-progress", "--ckpt-every", "0",
-            "--sample-every", "0", "--set", f"model.disc_start={steps + 1}", "--device", "cpu"]
+            "--sample-every", "0", "--device", "cpu"]
     if not text_losses:
         args.append("--no-text-losses")
     elif weight is not None:
@@ -81,8 +82,8 @@ def probe(model, cfg, text_encoder, loader, steps, lr):
     return model
 
 
-KEYS = ("psnr", "ssim", "codebook_usage", "masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text",
-        "r1_text_to_image")
+KEYS = ("psnr", "ssim", "codebook_usage", "masked_word_acc@1", "masked_word_acc@3", "mask1_recall_paper",
+        "mask3_recall_paper", "r1_image_to_text", "r1_text_to_image", "code_word_mse")
 
 
 def mean_std(xs):
@@ -114,7 +115,7 @@ def main():
     from lgvq_fast.training.checkpoint import CheckpointIO
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, help="training steps of each run (default: the preset's)")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--val-size", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -127,6 +128,7 @@ def main():
     args = p.parse_args()
     t0 = time.perf_counter()
     base = preset_config("tiny-cpu")
+    args.steps = args.steps or base.train.steps
     preset_w = {"gsa": base.model.w_gsa, "mtp": base.model.w_mtp, "ras": base.model.w_ras}
     arms = ["off"] + ([f"w{w:g}" for w in args.weights] if args.weights else ["preset"])
     weight_of = {f"w{w:g}": w for w in (args.weights or [])}
@@ -177,7 +179,7 @@ def main():
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     fmt = lambda d: "-" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f}"
-    cols = ("psnr", "masked_word_acc@1", "masked_word_acc@3", "r1_image_to_text", "r1_text_to_image")
+    cols = ("psnr", "masked_word_acc@1", "mask1_recall_paper", "r1_image_to_text", "r1_text_to_image", "code_word_mse")
     print(f"\n{args.steps} steps, seeds {args.seeds}, probe {args.probe_steps} steps, {args.val_size} val captions "
           f"(R@1 chance {chance or 0:.4f}); mean ± std over seeds")
     print("| arm | " + " | ".join(cols) + " |")

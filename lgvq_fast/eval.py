@@ -1,9 +1,18 @@
 """Evaluate an LG-VQ tokenizer: ``python -m lgvq_fast.eval --ckpt runs/tiny-cpu/checkpoints/step_0000300.pt``.
 
 Metrics (``evaluate``): PSNR and SSIM of reconstructions, codebook usage (fraction of codes used) and
-perplexity, masked-word accuracy with k masked words per caption (the MTP head predicts them from the image
-codes and the rest of the caption), caption<->image retrieval R@1 between the global vision token and the text
-encoder's global feature over the whole evaluated set, and FID when a local Inception checkpoint is given.
+perplexity, caption<->image retrieval R@1 between the global vision token and the text encoder's global feature
+over the whole evaluated set, FID when a local Inception checkpoint is given, and for models with text heads:
+
+* Masked-word recall, in two protocols. Both mask exactly min(k, n) of a caption's n word tokens (the same
+  positions in both) and count a hit when the MTP head's top-1 token is the original one, pooled over all masked
+  tokens. ``masked_word_acc@k`` feeds the MTP decoder the text features the model was trained with
+  (``model.cfg.mask_input``; by default the caption encoded with the masked tokens replaced by the mask id, so no
+  feature has seen a masked word). ``mask{k}_recall_paper`` is the paper's protocol (Table 3, spec §3.3, §8 D4):
+  the text encoder sees the *unmasked* caption and the learned mask vectors replace its features at the masked
+  positions afterwards (``mask_input=False``); features at the other positions have seen the masked word, which
+  the decoder can partly read from them, so only this recall is comparable to Table 3.
+* ``code_word_mse``: the code-word relation consistency of Table 4 (``code_word_mse``'s docstring).
 """
 import argparse
 import json
@@ -18,25 +27,71 @@ if __name__ == "__main__" and os.path.abspath(sys.path[0] or ".") == os.path.dir
     del sys.path[0]
 
 import torch
+import torch.nn.functional as F
 
 from lgvq_fast.errors import EvalError, NonFiniteMetrics, one_line_error, run_cli
+
+
+def word_positions(text):
+    """bool [B, L]: the real tokens of each caption other than its first and last (the start / end specials:
+    BERT [CLS]/[SEP], CLIP SOT/EOT). Words are the tokenizer's pieces (BPE / WordPiece), punctuation included."""
+    special = torch.zeros_like(text.pad_mask)
+    special[:, 0] = True
+    last = text.pad_mask.long().sum(1) - 1
+    special[torch.arange(text.pad_mask.shape[0]), last.clamp_min(0)] = True
+    return text.pad_mask & ~special
 
 
 def mask_k_words(text, k, generator):
     """A copy of ``text`` whose mlm_mask marks exactly min(k, body length) random body tokens per caption."""
     ids = text.input_ids
-    # the first real token and the last one are the start / end specials (BERT [CLS]/[SEP], CLIP SOT/EOT)
-    special = torch.zeros_like(text.pad_mask)
-    special[:, 0] = True
-    last = text.pad_mask.long().sum(1) - 1
-    special[torch.arange(ids.shape[0]), last.clamp_min(0)] = True
-    body = text.pad_mask & ~special
+    body = word_positions(text)
     score = torch.rand(ids.shape, generator=generator).masked_fill(~body, 2.0)
     order = score.argsort(dim=1)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(ids.shape[1]).expand_as(order).contiguous())
     mlm = (rank < k) & body
     return type(text)(input_ids=ids, pad_mask=text.pad_mask, mlm_mask=mlm, mask_ratio=float("nan"))
+
+
+def code_word_mse(token_feats, vision_tokens, codes, word_mask, eps=1e-6):
+    """Code-word relation consistency (paper Table 4, Eq. 7-8; matching as the official RAS, spec §4).
+
+    token_feats [B, L, C]: the text encoder's token features of the unmasked caption; vision_tokens [B, T, C]:
+    the f_vt outputs of the T grid positions (class token excluded); codes [B, T, D]: the quantized code vectors
+    (codebook rows) at those positions; word_mask bool [B, L] (``word_positions``). For caption b with word set
+    W_b of n_b words::
+
+        t_i = token_feats[b, i] / |.|;   p_i = argmax_p cos(token_feats[b, i], vision_tokens[b, p])
+        c_i = codes[b, p_i] / |.|
+        mse_b = 1 / (n_b (n_b - 1)) * sum_{i != j in W_b} (c_i . c_j - t_i . t_j)^2
+
+    Returns ``(mse [B], pairs [B])``, pairs = n_b (n_b - 1); mse_b is 0 where pairs is 0 (fewer than two words).
+    ``evaluate`` reports the mean of mse_b over the captions with pairs > 0 (each caption weighs the same).
+
+    Where it departs from the training loss L_ras, and why: (1) only word pairs i != j: the loss averages over all
+    L x L entries, SOT/EOT/padding and the diagonal included (spec §8 B7), whose zero error dilutes it by a
+    factor that depends on caption length and context size, while the paper describes word-word against code-code
+    similarity; (2) the raw code vectors, not the learned projection of RAS (``wrsr_fc``): the paper takes the
+    codes from the codebook Z (§8 D7), and a model without text heads (Table 4's VQ-GAN row) has no projection;
+    (3) no sign flip by the sign of the max similarity (an artefact of the loss's weighting, §8 B6);
+    (4) normalisation with an epsilon (a zero vector gives similarity 0, not NaN). As the loss, the words are the
+    encoder's contextual token features (§8 D6), matched over all T positions. Computed in float32 or wider.
+    """
+    dtype = torch.promote_types(torch.promote_types(token_feats.dtype, codes.dtype), torch.float32)
+    dtype = torch.promote_types(dtype, vision_tokens.dtype)
+    t = F.normalize(token_feats.to(dtype), dim=-1, eps=eps)
+    v = F.normalize(vision_tokens.to(dtype), dim=-1, eps=eps)
+    match = (t @ v.transpose(1, 2)).argmax(-1)  # [B, L]
+    c = F.normalize(codes.to(dtype), dim=-1, eps=eps)
+    c = c.gather(1, match.unsqueeze(-1).expand(-1, -1, c.shape[-1]))  # [B, L, D]
+    err = (c @ c.transpose(1, 2) - t @ t.transpose(1, 2)).square()  # [B, L, L]
+    w = word_mask.to(err.device)
+    pair = w.unsqueeze(2) & w.unsqueeze(1)
+    pair &= ~torch.eye(w.shape[1], dtype=torch.bool, device=w.device)
+    pairs = pair.flatten(1).sum(1)
+    mse = (err * pair).flatten(1).sum(1) / pairs.clamp_min(1)
+    return mse, pairs
 
 
 class FID:
@@ -82,79 +137,130 @@ def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 
              device=None, seed=0, progress=False, fid=None):
     """Metrics over ``loader`` (collate batches of ``make_collate``) → dict of floats (None when unavailable).
 
-    ``progress`` shows a tqdm bar over the batches; ``fid`` is a fresh ``FID`` to use instead of loading
-    ``inception_path``. Raises ``ValueError`` when the loader yields no image."""
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim_fn
+    Keys: ``images``, ``psnr``, ``ssim``, ``codebook_usage``, ``perplexity``, ``fid``; per k in ``mask_words``
+    ``masked_word_acc@k`` (our protocol: the MTP decoder gets the features of ``text_encoder.encode(masked
+    caption, model.cfg.mask_input)``, by default a caption whose masked tokens the encoder never saw) and
+    ``mask{k}_recall_paper`` (the paper's Table 3 protocol: the features of the unmasked caption, the mask vectors
+    substituted at the masked positions inside the MTP, i.e. ``mask_input=False``); both on the same k masked word
+    tokens per caption, top-1 hits pooled over the masked tokens; equal when the model has ``mask_input=False``.
+    ``code_word_mse`` (Table 4, see ``code_word_mse``); ``r1_image_to_text``, ``r1_text_to_image``, ``r1_chance``.
+    The text metrics need ``text_encoder`` and a model with text heads.
 
+    The masked-word and code-word metrics reuse the visual tokens of the forward that gives the reconstructions:
+    no further forward of the image model. ``progress`` shows a tqdm bar over the batches; ``fid`` is a fresh
+    ``FID`` to use instead of loading ``inception_path``. Raises ``ValueError`` when the loader yields no image."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    k_codes = model.cfg.codebook_size
-    counts = torch.zeros(k_codes, dtype=torch.long, device=device)
-    psnr_sum, ssim_sum, n_img = 0.0, 0.0, 0
-    vt, tg, caps = [], [], []
-    hits = {k: [0.0, 0] for k in mask_words}
-    gen = torch.Generator().manual_seed(seed)
     if fid is None and inception_path:
         fid = FID(inception_path, device)
-    has_heads = getattr(model, "sam", None) is not None
-    batches = loader
-    if progress:
-        from tqdm import tqdm
+    use_text = text_encoder is not None and getattr(model, "sam", None) is not None
+    totals = _Totals(model.cfg.codebook_size, mask_words, device)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    batches = _progress_bar(loader, max_batches) if progress else loader
+    seen = {}
+    hook = None
+    if use_text:
+        # f_vt's input (the quantized codes [B, T, D]) and output ([B, T + 1, C]) in the model's forward
+        hook = model.sam.vt.register_forward_hook(lambda m, args, out: seen.update(codes=args[0], vt=out))
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch["image"].to(device)
+            seen.clear()
+            out = model(x)
+            totals.add_images(x, out, fid)
+            if use_text:
+                _text_metrics(model, batch, text_encoder, seen, mask_words, gen, totals)
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+        if progress:
+            batches.close()
+    if totals.images == 0:
+        raise ValueError("evaluate: the loader yielded no images (empty dataset, or max_batches=0)")
+    return totals.result(fid)
 
-        total = len(loader) if hasattr(loader, "__len__") else None
-        if max_batches is not None and total is not None:
-            total = min(total, max_batches)
-        batches = tqdm(loader, total=total, desc="eval", unit="batch", dynamic_ncols=True)
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = batch["image"].to(device)
-        out = model(x)
+
+def _progress_bar(loader, max_batches):
+    from tqdm import tqdm
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    return tqdm(loader, total=total, desc="eval", unit="batch", dynamic_ncols=True)
+
+
+def _text_metrics(model, batch, text_encoder, seen, mask_words, gen, totals):
+    """Retrieval features, code-word MSE and masked-word hits of one batch (``seen``: f_vt's codes and output)."""
+    vt, codes = seen["vt"], seen["codes"]
+    device = vt.device
+    text = batch.get("text")
+    if text is None:
+        text = text_encoder.tokenize(batch["captions"], model.cfg.max_text_len, generator=gen)
+    feats = text_encoder.encode(text.to(device), mask_input=model.cfg.mask_input)
+    # the unmasked caption's token features: the same for every choice of masked words
+    full = getattr(feats, "token_feats_full", feats[0]).to(device)
+    totals.vt.append(vt[:, 0].float().cpu())
+    totals.tg.append(feats[1].float().cpu())
+    totals.caps.extend(batch["captions"])
+    mse, pairs = code_word_mse(full, vt[:, 1:], codes, word_positions(text).to(device))
+    totals.cw_sum += float(mse[pairs > 0].sum())
+    totals.cw_n += int((pairs > 0).sum())
+    for k in mask_words:
+        tk = mask_k_words(text.to("cpu"), k, gen).to(device)
+        n_masked = int(tk.mlm_mask.sum())
+        if n_masked == 0:
+            continue
+        # with mask_input=False our protocol is the paper's: the same features
+        ours = text_encoder.encode(tk, mask_input=True)[0].to(device) if model.cfg.mask_input else full
+        for key, token_feats in ((f"masked_word_acc@{k}", ours), (f"mask{k}_recall_paper", full)):
+            _, acc = model.sam.mtp(vt, token_feats, tk)
+            totals.hits[key][0] += float(acc) * n_masked
+            totals.hits[key][1] += n_masked
+
+
+class _Totals:
+    """Running sums of ``evaluate``'s metrics."""
+
+    def __init__(self, codebook_size, mask_words, device):
+        self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
+        self.psnr_sum, self.ssim_sum, self.images = 0.0, 0.0, 0
+        self.vt, self.tg, self.caps = [], [], []
+        self.cw_sum, self.cw_n = 0.0, 0
+        self.hits = {key: [0.0, 0] for k in mask_words for key in (f"masked_word_acc@{k}", f"mask{k}_recall_paper")}
+
+    def add_images(self, x, out, fid):
+        from torchmetrics.functional import image as tm_image
+
         x_rec = out["x_rec"].float().clamp(-1, 1)
         mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)
-        psnr_sum += float((-10 * torch.log10(mse.clamp_min(1e-10))).sum())
-        ssim_sum += float(ssim_fn((x_rec + 1) / 2, (x + 1) / 2, data_range=1.0, reduction="sum"))
-        n_img += x.shape[0]
-        counts += torch.bincount(out["indices"].flatten(), minlength=k_codes)
+        self.psnr_sum += float((-10 * torch.log10(mse.clamp_min(1e-10))).sum())
+        ssim = tm_image.structural_similarity_index_measure((x_rec + 1) / 2, (x + 1) / 2, data_range=1.0,
+                                                            reduction="sum")
+        self.ssim_sum += float(ssim)
+        self.images += x.shape[0]
+        self.counts += torch.bincount(out["indices"].flatten(), minlength=self.counts.numel())
         if fid is not None:
             fid.update(x, real=True)
             fid.update(x_rec, real=False)
-        if text_encoder is None or not has_heads:
-            continue
-        text = batch.get("text")
-        if text is None:
-            text = text_encoder.tokenize(batch["captions"], model.cfg.max_text_len, generator=gen)
-        feats = text_encoder.encode(text.to(device), mask_input=model.cfg.mask_input)
-        vt.append(out["vt_global"].float().cpu())
-        tg.append(feats[1].float().cpu())
-        caps.extend(batch["captions"])
-        for k in mask_words:
-            tk = mask_k_words(text.to("cpu"), k, gen).to(device)
-            n_masked = int(tk.mlm_mask.sum())
-            if n_masked == 0:
-                continue
-            o = model(x, tk, text_encoder.encode(tk, mask_input=model.cfg.mask_input))
-            hits[k][0] += float(o["mtp_acc"]) * n_masked
-            hits[k][1] += n_masked
-    model.train(was_training)
-    if progress:
-        batches.close()
-    if n_img == 0:
-        raise ValueError("evaluate: the loader yielded no images (empty dataset, or max_batches=0)")
-    p = counts.float() / counts.sum().clamp_min(1)
-    result = {
-        "images": n_img,
-        "psnr": psnr_sum / max(n_img, 1),
-        "ssim": ssim_sum / max(n_img, 1),
-        "codebook_usage": float((counts > 0).float().mean()),
-        "perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())),
-        "fid": fid.compute() if fid is not None else None,
-    }
-    for k in mask_words:
-        result[f"masked_word_acc@{k}"] = hits[k][0] / hits[k][1] if hits[k][1] else None
-    result.update(retrieval_r1(vt, tg, caps))
-    return result
+
+    def result(self, fid):
+        p = self.counts.float() / self.counts.sum().clamp_min(1)
+        result = {
+            "images": self.images,
+            "psnr": self.psnr_sum / self.images,
+            "ssim": self.ssim_sum / self.images,
+            "codebook_usage": float((self.counts > 0).float().mean()),
+            "perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())),
+            "fid": fid.compute() if fid is not None else None,
+        }
+        result.update({key: hit / n if n else None for key, (hit, n) in self.hits.items()})
+        result["code_word_mse"] = self.cw_sum / self.cw_n if self.cw_n else None
+        result.update(retrieval_r1(self.vt, self.tg, self.caps))
+        return result
 
 
 def retrieval_r1(vt, tg, captions):
@@ -343,11 +449,12 @@ def main(argv=None):
     model, text_encoder, cfg = load_checkpoint_model(args.ckpt, device, args.text_encoder)
     d = cfg["data"]
     skip = bool(args.skip_bad_samples or d.get("skip_bad_samples", False))
+    annotations, holdout = _eval_annotations(args, d)
     try:
         ds = build_dataset(d["name"], args.split, cfg["model"]["resolution"], seed=cfg["train"]["seed"],
                            root=args.data_root or d.get("root"), size=d.get("val_size"),
                            image_dir=args.image_dir or d.get("val_image_dir") or d.get("image_dir"),
-                           annotation_json=args.annotations or d.get("val_annotations") or d.get("annotations"),
+                           annotation_json=annotations, val_holdout=holdout,
                            max_words=d.get("max_words", 27), skip_bad_samples=skip)
     except FileNotFoundError:
         raise
@@ -374,6 +481,22 @@ def main(argv=None):
         raise NonFiniteMetrics(f"the model's metrics are not finite ({', '.join(nonfinite)}; null in the JSON): "
                                f"{args.ckpt} gives NaN or inf outputs")
     return result
+
+
+def _eval_annotations(args, d):
+    """(annotation file, held-out fraction) to evaluate on. A dataset read from one annotation file (COCO) is never
+    evaluated on its training images by accident: without ``--annotations`` or the run's ``data.val_annotations``
+    the run's held-out images (``data.val_holdout``) are used, or the command stops naming both ways out."""
+    from lgvq_fast.data import ANNOTATION_DATASETS
+
+    if args.annotations or d.get("val_annotations"):
+        return args.annotations or d.get("val_annotations"), 0.0
+    holdout = float(d.get("val_holdout") or 0.0)
+    if d.get("name") in ANNOTATION_DATASETS and d.get("annotations") and not holdout and args.split != "train":
+        raise EvalError(f"split {args.split}: the checkpoint's run has no validation annotations and held no images "
+                        f"out, so {d['annotations']} holds its training images; pass --annotations FILE (and "
+                        "--image-dir DIR) of a validation set, or --split train to evaluate on the training images")
+    return d.get("annotations"), holdout
 
 
 def finite_json(result, prefix=""):

@@ -22,7 +22,7 @@ import torch
 
 from lgvq_fast.data.collate import mix_seed
 from lgvq_fast.errors import run_cli, signal_status
-from lgvq_fast.images import save_recon_grid, save_usage_histogram
+from lgvq_fast.images import save_usage_histogram
 from lgvq_fast.training.checkpoint import (
     CheckpointIO, save_checkpoint, seed_or_restore_rng, start_position, state_sha256,
 )
@@ -33,7 +33,8 @@ from lgvq_fast.training.metrics import (
     DivergenceGuard, MetricsLog, MetricsWindow, batch_psnr, progress_bar, reconstruct,
 )
 from lgvq_fast.training.run_folder import RunContext
-from lgvq_fast.training.step import TrainStep, build_models, compile_model, make_autocast, wrap_ddp
+from lgvq_fast.training.samples import SampleSheet, save_run_curves
+from lgvq_fast.training.step import TrainStep, build_models, compile_model, lr_schedule, make_autocast, wrap_ddp
 
 
 def train(cfg):
@@ -66,10 +67,13 @@ def _train(cfg, auto, run, t0):
     step_fn = make_step(cfg, auto, run, model, loss_mod, opt_g, opt_d, text_encoder, autocast)
     seed_or_restore_rng(run, t.seed, start.rng)
     val_x = fixed_val_batch(val_ds, t.val_batch).to(run.device)
+    sheet = SampleSheet(val_ds, 8, text_encoder, m, run.device, t.seed)  # captions, masked-word guesses
     psnr_start = batch_psnr(reconstruct(model, val_x, autocast), val_x)
     print0(f"{cfg.describe(run.world, run.device, lr)}, start-up {time.perf_counter() - t0:.1f}s")
     print0(f"val PSNR at step {pos.step}: {psnr_start:.2f} dB")
     metrics = MetricsLog(metrics_path, enabled=run.is_main)
+    if pos.step == 0:
+        metrics.write({"step": 0, "val_psnr": psnr_start})
     if run.is_main:
         cfg.write_json(os.path.join(run.out_dir, "config.json"))
     window = MetricsWindow(usage, t.batch_size * run.world)
@@ -79,10 +83,6 @@ def _train(cfg, auto, run, t0):
 
     def save(reason):
         save_checkpoint(ckpt if run.is_main else None, nets, pos, cfg.to_dict(), usage, run, guard, reason)
-
-    def samples(step):
-        save_recon_grid(val_x[:8], reconstruct(model, val_x[:8], autocast),
-                        os.path.join(run.out_dir, "samples", f"step_{step:06d}.png"))
 
     model.train()
     loss_mod.train()
@@ -108,9 +108,9 @@ def _train(cfg, auto, run, t0):
                 if pos.step % t.log_every == 0 or pos.step == t.steps:
                     if run.world == 1:
                         guard.check(pos.step)
-                    window.write(metrics, progress, step=pos.step, epoch=pos.epoch, lr=lr)
+                    window.write(metrics, progress, step=pos.step, epoch=pos.epoch, lr=opt_g.param_groups[0]["lr"])
                 if run.is_main and t.sample_every and pos.step % t.sample_every == 0:
-                    samples(pos.step)
+                    sheet.save(model, autocast, os.path.join(run.out_dir, "samples", f"step_{pos.step:06d}.png"))
                 if t.eval_every and pos.step % t.eval_every == 0:
                     metrics.write({"step": pos.step, "val_psnr": batch_psnr(reconstruct(model, val_x, autocast), val_x)})
                 if run.world > 1:
@@ -128,7 +128,7 @@ def _train(cfg, auto, run, t0):
         save("signal" if run.stop.stop else "final")
     psnr_end = batch_psnr(reconstruct(model, val_x, autocast), val_x)
     if run.is_main:
-        samples(pos.step)
+        sheet.save(model, autocast, os.path.join(run.out_dir, "samples", f"step_{pos.step:06d}.png"))
         save_usage_histogram(usage.cpu(), os.path.join(run.out_dir, "codebook_usage.png"))
     if skipped or getattr(train_ds, "skipped", 0):
         print0(f"skipped bad samples: {getattr(train_ds, 'skipped', 0)} at build time, {skipped} while reading")
@@ -148,8 +148,10 @@ def make_step(cfg, auto, run, model, loss_mod, opt_g, opt_d, text_encoder, autoc
     if run.world > 1:
         with run.watch.collective("the DDP start-up broadcast"):
             fwd, disc_train = wrap_ddp(fwd, disc_train, run.device, t.find_unused_parameters)
+    lr_at = None if t.lr_schedule == "constant" and not t.lr_warmup else \
+        lr_schedule(opt_g.param_groups[0]["lr"], t.steps, t.lr_schedule, t.lr_warmup, t.lr_floor)
     step_fn = TrainStep(fwd, loss_mod, opt_g, opt_d, text_encoder, autocast, cfg.model, raw_model=model,
-                        disc_train=disc_train)
+                        disc_train=disc_train, lr_at=lr_at)
     if t.cuda_graph:
         from lgvq_fast.training.cuda_graph import GraphedTrainStep
 
@@ -171,6 +173,8 @@ def finish(summary, step_fn, start_step, metrics, run):
     print0(f"val PSNR: {summary['val_psnr_start']:.2f} dB at start -> {summary['val_psnr_end']:.2f} dB at step "
            f"{summary['step']}; codebook usage {summary['codebook_usage_total']:.2f}; total {summary['wall_s']:.1f}s")
     metrics.close()
+    if run.is_main:
+        save_run_curves(metrics.path, os.path.join(run.out_dir, "curves.png"))
     run.barrier("the end-of-run barrier")
     return summary
 

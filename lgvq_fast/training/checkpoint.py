@@ -365,7 +365,10 @@ def config_changes(saved, now, sections=("model", "data", "train")):
             va, vb = a.get(key), b.get(key)
             if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
                 va, vb = list(va), list(vb)
-            if name not in RESUME_NEUTRAL and va != vb:
+            # with a cosine schedule the run's length shapes the learning-rate curve
+            neutral = name in RESUME_NEUTRAL and not (name == "train.steps" and
+                                                      (now.get("train") or {}).get("lr_schedule") == "cosine")
+            if not neutral and va != vb:
                 out.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
 

@@ -18,7 +18,7 @@ from lgvq_fast._fields import are_numbers, check_choice, check_ints, check_range
 from lgvq_fast.errors import ConfigError
 from lgvq_fast.models.lgvq import LGVQConfig, preset as model_preset
 
-DATASETS = ("shapes", "cub", "celebahq", "coco")
+DATASETS = ("shapes", "cub", "celebahq", "coco", "textcaps")
 
 
 @dataclass
@@ -35,15 +35,25 @@ class DataConfig:
     max_words: int = 27
     skip_bad_samples: bool = False
     num_workers: int = 0
+    # datasets read from an annotation file (coco) without val_annotations: the fraction of the training images
+    # held out for validation (0: refuse to validate on training images)
+    val_holdout: float = 0.0
 
     def validate(self):
         check_ints(self, "data", ("train_size", "val_size"), least=1)
         check_ints(self, "data", ("num_workers",), least=0)
         check_choice(self, "data", "name", DATASETS)
-        if self.name in ("cub", "celebahq") and not self.root:
+        check_range(self, "data", ("val_holdout",), 0, 0.5, "a fraction in [0, 0.5] (0: no held-out images)")
+        if self.name in ("cub", "celebahq", "textcaps") and not self.root:
             raise ConfigError(f"dataset {self.name!r} needs its folder: --data-root DIR")
         if self.name == "coco" and not (self.image_dir and self.annotations):
             raise ConfigError("dataset 'coco' needs --image-dir and --annotations")
+        from lgvq_fast.training.loaders import val_sources
+
+        try:  # the validation set: never the training images silently
+            val_sources(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
 
@@ -59,6 +69,11 @@ class TrainConfig:
     lr: float | None = None
     base_lr: float = 4.5e-6
     betas: tuple = (0.5, 0.9)
+    # "constant" (the official code) or "cosine" (decays to lr_floor x lr at train.steps), after lr_warmup steps of
+    # linear warm-up; a function of the step, so resume follows it exactly
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_floor: float = 0.1
     seed: int = 0
     out: str | None = None
     ckpt_every: int = 5000
@@ -96,7 +111,9 @@ class TrainConfig:
 
     def validate(self):
         check_ints(self, "train", ("steps", "batch_size", "log_every", "val_batch", "keep_last"), least=1)
-        check_ints(self, "train", ("ckpt_every", "sample_every", "eval_every"), least=0)
+        check_ints(self, "train", ("ckpt_every", "sample_every", "eval_every", "lr_warmup"), least=0)
+        check_choice(self, "train", "lr_schedule", ("constant", "cosine"))
+        check_range(self, "train", ("lr_floor",), 0, 1, "a fraction in [0, 1]")
         # Adam moves each weight by about lr per step: above 1 no run can train (1e39 overflowed at step 1)
         for name in ("lr", "base_lr"):
             value = getattr(self, name)
@@ -139,6 +156,8 @@ class Config:
     def validate(self):
         """Every section's own checks, then the settings that depend on each other; returns ``self``."""
         self.train.validate()
+        self.data.validate()
+        self.model.validate()
         t = self.train
         if t.cuda_graph is True:  # asked for: every condition must hold ("auto" checks them when the device is known)
             if t.compile:
@@ -150,25 +169,69 @@ class Config:
             if host_read:
                 raise ConfigError(f"train.cuda_graph=true cannot capture {host_read[1]}: set model.quantizer_kwargs "
                                   f"without {host_read[0]}")
-        self.data.validate()
-        self.model.validate()
+            if t.lr_schedule != "constant" or t.lr_warmup:
+                raise ConfigError("train.cuda_graph=true replays a constant learning rate: set train.lr_schedule=constant "
+                                  "and train.lr_warmup=0, or train.cuda_graph=auto")
+        self._check_paper_setup()
         return self
+
+    def paper_deviations(self):
+        """How a paper preset's run differs from the paper's setup (CLIP ViT-B/32 text tower, LPIPS), as opted out
+        of on the command line; empty for the other presets."""
+        preset = PRESETS.get(self.preset)
+        if preset is None or not preset.paper:
+            return []
+        out = []
+        if not _is_clip(self.model.text_encoder):
+            out.append(f"text encoder {self.model.text_encoder} instead of CLIP ViT-B/32")
+        if not self.model.perceptual_weight > 0:
+            out.append("no LPIPS perceptual loss")
+        return out
+
+    def _check_paper_setup(self):
+        """A paper preset trains the paper's setup or says why not: CLIP's text tower and LPIPS need local files;
+        without them the run stops here, before anything is built, naming both ways out."""
+        m = self.model
+        missing = []
+        if m.text_encoder == "clip":
+            from lgvq_fast.models.text import CLIP_RECIPE
+
+            missing.append(f"CLIP ViT-B/32's text tower: pass its local folder with --text-encoder DIR ({CLIP_RECIPE})"
+                           ", or train with the packaged MiniLM: --text-encoder minilm")
+        preset = PRESETS.get(self.preset)
+        if preset is not None and preset.paper and m.perceptual_weight > 0 and not m.lpips_path:
+            missing.append("the LPIPS perceptual loss: pass its weights with --lpips FILE (made once from torchvision's "
+                           "VGG16 and the LPIPS v0.1 vgg heads: the recipe is in lgvq_fast/models/perceptual.py), or "
+                           "train without it: --no-perceptual")
+        if missing:
+            raise ConfigError(f"preset {self.preset} trains the paper's setup, which needs " + "; and ".join(missing)
+                              + " (an opt-out is recorded in config.json and the start-up line)")
+        if m.lpips_path and m.perceptual_weight > 0 and not os.path.isfile(m.lpips_path):
+            raise ConfigError(f"--lpips {m.lpips_path}: no such file")
+        if m.text_encoder not in ("minilm", "tiny-random") and not os.path.isdir(m.text_encoder):
+            raise ConfigError(f"--text-encoder {m.text_encoder}: not minilm, tiny-random or a local model folder")
 
     def describe(self, world, device, lr):
         """The run's start-up line."""
         m, t = self.model, self.train
+        deviations = self.paper_deviations()
         return (f"config {self.preset}: {world} process(es) on {device}, {m.resolution}px, K={m.codebook_size}, "
                 f"batch {t.batch_size}x{world}, lr {lr:.3g}, steps {t.steps}, text losses "
                 f"{'on' if m.use_text_losses else 'off'}{', step captured in a CUDA graph' if t.cuda_graph else ''}"
-                f"{', channels_last' if t.channels_last else ''}")
+                f"{', channels_last' if t.channels_last else ''}"
+                + (f" (not the paper's setup: {'; '.join(deviations)})" if deviations else ""))
 
     def write_json(self, path):
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
     def to_dict(self):
-        return {"preset": self.preset, "model": asdict(self.model), "data": asdict(self.data),
-                "train": asdict(self.train)}
+        out = {"preset": self.preset, "model": asdict(self.model), "data": asdict(self.data),
+               "train": asdict(self.train)}
+        deviations = self.paper_deviations()
+        if deviations:
+            out["paper_deviations"] = deviations
+        return out
 
 
 @dataclass(frozen=True)
@@ -177,6 +240,7 @@ class Preset:
 
     model: str
     data: str
+    paper: bool = False  # the paper's setup: CLIP ViT-B/32's text tower and LPIPS, or an explicit opt-out
     model_fields: dict = field(default_factory=dict)
     data_fields: dict = field(default_factory=dict)
     train_fields: dict = field(default_factory=dict)
@@ -187,22 +251,28 @@ class Preset:
         return Config(name, model_preset(self.model, **f[0]), DataConfig(name=self.data, **f[1]), TrainConfig(**f[2]))
 
 
-# tiny-cpu: 32x32 shapes, batch 8, 300 steps: about 2 minutes on 2 idle CPU cores, PSNR rising from ~8 to ~18 dB,
-# the GAN active over the last quarter. EMA codebook with dead-code restart: the plain learned codebook collapses to
-# ~15 % usage in such a short run. Shape captions are at most 12 word-pieces, so 16 text positions suffice.
-# Text-loss weights 0.001 (the paper's CUB weights): bench/alignment_ablation.py measures what they do (the README
-# has its table).
+# tiny-cpu: 32x32 shapes, under 3 minutes of training on 2 CPU cores reaching a validation PSNR above 25 dB
+# (docs/training.md has the measurements behind each choice): downsampling 2 (16x16 codes; at 4 the same time gives
+# about 22 dB), one f_vt and one MTP layer (the MTP cross-attention over 257 visual tokens is much of the text
+# losses' cost), learning rate 8e-4 with a cosine decay, and the GAN off (disc_start past the run: in so short a run
+# it costs PSNR before it sharpens anything). EMA codebook with dead-code restart: the plain learned codebook
+# collapses to ~15 % usage in such a short run. Shape captions are at most 12 word-pieces, so 16 text positions
+# suffice. Text-loss weights 0.001, the paper's CUB weights (bench/alignment_ablation.py measures what they do).
 PRESETS = {
     "tiny-cpu": Preset("tiny-cpu", "shapes",
-                       model_fields=dict(disc_start=225, max_text_len=16, ema_update=True,
+                       model_fields=dict(ch_mult=(1, 2), vt_layers=1, mtp_layers=1, disc_start=100_000,
+                                         max_text_len=16, ema_update=True,
                                          quantizer_kwargs={"threshold_ema_dead_code": 1.0},
                                          w_gsa=0.001, w_mtp=0.001, w_ras=0.001),
-                       data_fields=dict(train_size=4096, val_size=256, num_workers=0),
-                       train_fields=dict(steps=300, batch_size=8, lr=3e-4, ckpt_every=100, sample_every=100,
-                                         log_every=10, val_batch=64)),
-    **{name: Preset(name, data, data_fields=dict(num_workers=4))
+                       data_fields=dict(train_size=4096, val_size=256, num_workers=1),
+                       train_fields=dict(steps=520, batch_size=8, lr=8e-4, lr_schedule="cosine", lr_warmup=20,
+                                         ckpt_every=100, sample_every=100, eval_every=50, log_every=10,
+                                         val_batch=64)),
+    # the paper's datasets and models; text_encoder "clip" stands for the local CLIP folder the user must give
+    **{name: Preset(name, data, paper=True, model_fields=dict(text_encoder="clip"), data_fields=dict(num_workers=4))
        for name, data in (("celebahq", "celebahq"), ("celebahq-cvq", "celebahq"), ("cub", "cub"),
-                          ("cub-cvq", "cub"), ("coco", "coco"), ("coco-vqgan", "coco"))},
+                          ("cub-cvq", "cub"), ("coco", "coco"), ("coco-vqgan", "coco"), ("textcaps", "textcaps"),
+                          ("textcaps-cvq", "textcaps"))},
 }
 
 
@@ -251,10 +321,14 @@ FLAGS = (
          "torch.compile the model (before the DDP wrap): the whole model as one graph (default), or each VQGAN "
          "block on its own ('--compile blocks': compiles faster)", value="model", choices=("model", "blocks"),
          also=(("train.compile", True),)),
-    Flag("--data-root", "data.root", "dataset folder (CUB, CelebA-HQ)"),
+    Flag("--data-root", "data.root", "dataset folder (CUB, CelebA-HQ, TextCaps)"),
     Flag("--image-dir", "data.image_dir", "COCO image folder"),
     Flag("--annotations", "data.annotations", "COCO captions annotation JSON"),
-    Flag("--text-encoder", "model.text_encoder", "minilm (default), tiny-random, or a local model folder (e.g. CLIP)"),
+    Flag("--text-encoder", "model.text_encoder",
+         "a local CLIP ViT-B/32 folder (the paper presets need one), minilm (the packaged MiniLM; tiny-cpu's default) "
+         "or tiny-random"),
+    Flag("--lpips", "model.lpips_path", "LPIPS weights file (the paper presets need one; lgvq_fast/models/perceptual.py)"),
+    Flag("--no-perceptual", "model.perceptual_weight", "train without the LPIPS perceptual loss", value=0.0),
     Flag("--no-progress", "train.progress", "no tqdm progress bar (log lines only)", value=False),
 )
 
@@ -349,6 +423,18 @@ def _parse_bool(low, text, name):
                       f"got {text!r}")
 
 
+def _is_clip(text_encoder):
+    """True for a local folder holding a CLIP model (its config.json's model_type)."""
+    path = os.path.join(str(text_encoder), "config.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return str(json.load(f).get("model_type", "")).startswith("clip")
+    except (OSError, ValueError):
+        return False
+
+
 def host_reads(m):
     """(quantizer kwarg, what it does) when the quantizer reads the device on the host every step, else None."""
     kwargs = m.quantizer_kwargs if isinstance(m.quantizer_kwargs, dict) else {}
@@ -367,7 +453,8 @@ def resolve_auto(cfg, device, world):
     t = cfg.train
     resolved = []
     if t.cuda_graph == "auto":
-        t.cuda_graph = (device.type == "cuda" and world == 1 and not t.compile and host_reads(cfg.model) is None)
+        t.cuda_graph = (device.type == "cuda" and world == 1 and not t.compile and host_reads(cfg.model) is None
+                        and t.lr_schedule == "constant" and not t.lr_warmup)
         resolved.append("train.cuda_graph")
     elif t.cuda_graph is True and (device.type != "cuda" or world > 1):
         # before anything is built or a checkpoint folder touched

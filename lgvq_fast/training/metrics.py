@@ -13,7 +13,7 @@ class MetricsLog:
     """JSON lines, one object per write, flushed at once (rank 0 only)."""
 
     def __init__(self, path, enabled=True):
-        self.f = None
+        self.f, self.path = None, path
         if enabled:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self.f = open(path, "a", encoding="utf-8")

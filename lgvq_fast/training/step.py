@@ -13,6 +13,22 @@ import torch
 from lgvq_fast.models._nvtx import nvtx_range
 
 
+def lr_schedule(lr, steps, schedule="constant", warmup=0, floor=0.1):
+    """Step -> learning rate: ``lr`` after a linear warm-up of ``warmup`` steps; "cosine" then decays it to
+    ``floor * lr`` at ``steps`` (a function of the step alone, so a resumed run follows the same curve)."""
+    import math
+
+    def lr_at(step):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        if schedule == "constant":
+            return lr
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    return lr_at
+
+
 class TrainStep:
     """``out, logs = step_fn(images, text, step)``.
 
@@ -23,8 +39,10 @@ class TrainStep:
     its parameters frozen: it only carries gradient to ``x_rec``, so no weight gradients and no DDP reduction.
     """
 
-    def __init__(self, model, loss_mod, opt_g, opt_d, text_encoder, autocast, mcfg, raw_model=None, disc_train=None):
+    def __init__(self, model, loss_mod, opt_g, opt_d, text_encoder, autocast, mcfg, raw_model=None, disc_train=None,
+                 lr_at=None):
         self.model, self.loss_mod, self.opt_g, self.opt_d = model, loss_mod, opt_g, opt_d
+        self.lr_at = lr_at  # step -> learning rate of both optimizers (None: keep theirs)
         self.text_encoder, self.autocast, self.mcfg = text_encoder, autocast, mcfg
         self.raw_model = model if raw_model is None else raw_model
         self.disc = loss_mod.discriminator
@@ -34,6 +52,10 @@ class TrainStep:
         return self.loss_mod.disc_active(step)
 
     def __call__(self, x, text, step):
+        if self.lr_at is not None:
+            for opt in (self.opt_g, self.opt_d):
+                for group in opt.param_groups:
+                    group["lr"] = self.lr_at(step)
         device = x.device
         feats = None
         if self.mcfg.use_text_losses:

@@ -237,3 +237,22 @@ def test_weights_that_do_not_fit_the_model(ckpt, tmp_path, capsys):
     path = _variant(ckpt, tmp_path / "codebook.pt", model={"codebook_size": 30})
     msg = _user_error(["--ckpt", path, "--device", "cpu"], capsys)
     assert f"checkpoint {path}: its weights do not fit" in msg and "quantizer.embed has shape [24, 8]" in msg, msg
+
+
+def test_eval_never_uses_coco_training_images_silently():
+    """A COCO run without validation annotations: eval takes its held-out images, or stops naming both ways out."""
+    from types import SimpleNamespace
+
+    from lgvq_fast.errors import EvalError
+    from lgvq_fast.eval import _eval_annotations
+
+    d = {"name": "coco", "annotations": "/data/train.json", "val_annotations": None, "val_holdout": 0.0}
+    args = SimpleNamespace(annotations=None, split="val")
+    with pytest.raises(EvalError, match=r"train\.json holds its training images; pass --annotations FILE"):
+        _eval_annotations(args, d)
+    assert _eval_annotations(SimpleNamespace(annotations=None, split="train"), d) == ("/data/train.json", 0.0)
+    assert _eval_annotations(SimpleNamespace(annotations="/v.json", split="val"), d) == ("/v.json", 0.0)
+    assert _eval_annotations(args, dict(d, val_holdout=0.05)) == ("/data/train.json", 0.05)
+    assert _eval_annotations(args, dict(d, val_annotations="/data/val.json")) == ("/data/val.json", 0.0)
+    shapes = {"name": "shapes", "annotations": None, "val_annotations": None}
+    assert _eval_annotations(args, shapes) == (None, 0.0)

@@ -1,12 +1,12 @@
 """Text encoders and batches (lgvq_fast.models.text): the packaged MiniLM, tiny random BERT and CLIP folders,
 tokenisation and MLM masks, the padding trim and the 4-D attention mask."""
 import importlib.util
-import string
 
 import pytest
 import torch
-
 from _captions import CAPTIONS
+from _stand_ins import make_tiny_clip
+
 from lgvq_fast.models import TextBatch, TextEncoder
 
 
@@ -130,26 +130,11 @@ def test_encode_padding_trim_keeps_real_token_features(tiny_text):
 
 
 def test_clip_folder_tokenizes_with_end_token(tmp_path):
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer
 
-    chars = list(string.ascii_lowercase) + [".", ","]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = [("r", "e"), ("c", "i"), ("ci", "r")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    text_cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, max_position_embeddings=40, bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=16)
-    # a full CLIP folder (text + image towers), the layout of a downloaded ViT-B/32
-    full = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=32)).eval()
-    full.save_pretrained(str(tmp_path))
-    tok.save_pretrained(str(tmp_path))
+    make_tiny_clip(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    full = CLIPModel.from_pretrained(str(tmp_path)).eval()
     te = TextEncoder.build(str(tmp_path), max_len=16)
     assert te.kind == "clip" and te.width == 32 and te.mask_token_id is None
     b = te.tokenize(["a red circle", "a very long caption about a red circle."], 16,

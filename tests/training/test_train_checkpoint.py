@@ -163,3 +163,19 @@ def test_resume_checks_the_config(tmp_path, capsys):
     summary = run_tiny(tmp_path, "--steps", "2", "--resume", "auto")
     assert summary == {"step": 3, "nothing_to_train": True, "rank": 0}
     assert open(latest, "rb").read() == before and CheckpointIO(str(tmp_path)).latest() == latest
+
+
+def test_resume_follows_the_cosine_schedule(tmp_path):
+    """The learning rate is a function of the step: a run resumed mid-way under a cosine schedule ends with the same
+    weights as the uninterrupted one, and logs the same learning rates."""
+    sched = ["--set", "train.lr_schedule=cosine", "--set", "train.lr_warmup=2", "--seed", "5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_tiny(full, "--steps", "6", *sched)
+    run_tiny(part, "--steps", "6", "--ckpt-every", "3", *sched)
+    os.remove(CheckpointIO(str(part)).latest())  # as if killed after step 3's checkpoint
+    assert run_tiny(part, "--steps", "6", "--resume", "auto", *sched)["step"] == 6
+    a = CheckpointIO.load(CheckpointIO(str(full)).latest())["model"]
+    b = CheckpointIO.load(CheckpointIO(str(part)).latest())["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    lrs = lambda out: [(r["step"], r["lr"]) for r in rows(out) if "lr" in r]  # noqa: E731
+    assert lrs(full) == lrs(part) and len({lr for _, lr in lrs(full)}) == 5  # warm-up, top, decay

@@ -48,7 +48,7 @@ def test_set_override_parsing():
     (["--set", "train.norm_impl=fused"], "train.norm_impl must be auto, native or triton, got 'fused'"),
     (["--set", "nosection=1"], "--set key must be model.<field>"),
     (["--set", "model.codebook_size"], "--set expects KEY=VALUE"),
-    (["--set", "data.name=shape"], "data.name must be shapes, cub, celebahq or coco, got 'shape'"),
+    (["--set", "data.name=shape"], "data.name must be shapes, cub, celebahq, coco or textcaps, got 'shape'"),
     (["--config", "cub"], "dataset 'cub' needs its folder: --data-root DIR"),
     (["--config", "coco", "--image-dir", "/tmp"], "dataset 'coco' needs --image-dir and --annotations"),
     (["--set", "model.quantizer=vqq"], "model.quantizer must be vq or cvq, got 'vqq'"),
@@ -131,6 +131,9 @@ def test_cuda_graph_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="CUDA"):
         cfg.validate()
     cfg.train.device = "auto"
+    with pytest.raises(ConfigError, match="constant learning rate"):  # tiny-cpu's cosine schedule
+        cfg.validate()
+    cfg.train.lr_schedule, cfg.train.lr_warmup = "constant", 0
     cfg.validate()
 
 
@@ -156,6 +159,7 @@ def test_auto_settings_parse_validate_and_resolve():
     def resolved(device, world=1, **changes):
         c = preset_config("cub")
         c.data.root = "cub-folder"  # validated as a name only
+        c.model.text_encoder, c.model.perceptual_weight = "minilm", 0.0  # the paper setup's opt-outs
         for key, value in changes.items():
             section, name = key.split("__")
             setattr(getattr(c, section), name, value)
@@ -276,3 +280,16 @@ def test_presets_point_at_model_presets_and_copy_their_fields():
     assert preset_config("tiny-cpu").model.quantizer_kwargs == {"threshold_ema_dead_code": 1.0}
     with pytest.raises(ConfigError, match="unknown --config 'imagenet'"):
         preset_config("imagenet")
+
+
+def test_cuda_graph_needs_a_constant_learning_rate():
+    c = preset_config("tiny-cpu")
+    c.model.quantizer_kwargs = {}
+    c.train.lr_schedule = "cosine"
+    assert resolve_auto(c, torch.device("cuda", 0), 1) and c.train.cuda_graph is False
+    c = preset_config("tiny-cpu")
+    c.model.quantizer_kwargs, c.train.cuda_graph, c.train.lr_warmup = {}, True, 10
+    with pytest.raises(ConfigError, match="constant learning rate"):
+        c.validate()
+    with pytest.raises(ConfigError, match="train.lr_schedule must be constant or cosine"):
+        build_config(parse_args(["--set", "train.lr_schedule=linear"]))

@@ -103,7 +103,8 @@ def test_ddp_two_ranks_identical_codebooks(tmp_path):
 def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LGVQ_TRACEBACK", raising=False)
     for argv, culprit in [(["--config", "imagenet"], "unknown --config 'imagenet'"),
-                          (["--config", "cub", "--data-root", str(tmp_path / "no_cub")], str(tmp_path / "no_cub")),
+                          (["--config", "cub", "--data-root", str(tmp_path / "no_cub"), "--text-encoder", "tiny-random",
+                            "--no-perceptual"], str(tmp_path / "no_cub")),
                           (TINY + ["--out", str(tmp_path / "r"), "--resume", str(tmp_path / "nope.pt")], "nope.pt")]:
         with pytest.raises(SystemExit) as info:
             train_mod.cli(argv)

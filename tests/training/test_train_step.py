@@ -165,3 +165,25 @@ def test_compile_blocks_matches_eager_and_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "compile_model", lambda m, scope: seen.append(scope) or m)
     summary = run_tiny(tmp_path / "run", "--steps", "1", "--compile", "blocks")
     assert summary["step"] == 1 and seen == ["blocks"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from lgvq_fast.training.step import lr_schedule
+
+    const = lr_schedule(1e-3, 100, "constant", warmup=4)
+    assert [const(s) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert const(99) == 1e-3
+    cos = lr_schedule(1e-3, 104, "cosine", warmup=4, floor=0.1)
+    assert cos(4) == pytest.approx(1e-3) and cos(104) == pytest.approx(1e-4) and cos(54) == pytest.approx(5.5e-4)
+    values = [cos(s) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_scheduled_lr_reaches_both_optimizers():
+    cfg, te, model, loss_mod = tiny_setup("vq")
+    opt_g, opt_d = make_optimizers(model, loss_mod, 1e-3, (0.5, 0.9), "cpu")
+    step_fn = TrainStep(model, loss_mod, opt_g, opt_d, te, make_autocast(torch.device("cpu"), "none", False), cfg,
+                        lr_at=lambda step: 1e-5 * (step + 1))
+    x = torch.rand(2, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    step_fn(x, text_batch(te, 2, cfg.max_text_len, seed=0), 6)
+    assert [g["lr"] for opt in (opt_g, opt_d) for g in opt.param_groups] == pytest.approx([7e-5, 7e-5])
