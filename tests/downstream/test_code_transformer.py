@@ -3,9 +3,18 @@ both tasks, the causal and padding masks, KV-cache sampling against full recompu
 overfitting one batch, and the errors for bad inputs."""
 import pytest
 import torch
+from _fixtures import one_thread  # noqa: F401 (autouse)
 
-from lgvq_fast.downstream import (CodeTransformer, CodeTransformerConfig, codes_to_tokens, decode_captions,
-                                  generate_captions, generate_codes, make_batch, tokens_to_codes)
+from lgvq_fast.downstream import (
+    CodeTransformer,
+    CodeTransformerConfig,
+    codes_to_tokens,
+    decode_captions,
+    generate_captions,
+    generate_codes,
+    make_batch,
+    tokens_to_codes,
+)
 from lgvq_fast.errors import ConfigError
 from lgvq_fast.models import TextEncoder
 
@@ -13,15 +22,6 @@ from lgvq_fast.models import TextEncoder
 GRID = (3, 5)
 IMAGE_VOCAB, TEXT_VOCAB, MAX_TEXT = 37, 101, 13
 CAPTIONS = ["a large red circle left of a small blue square", "a small green cross", "a large white diamond"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add overhead on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
