@@ -130,9 +130,9 @@ def sample_mask_ratio(generator: torch.Generator | None, low: float = 0.1, high:
 
 
 # how to make the local CLIP folder the paper setup needs (nothing is downloaded at run time)
-CLIP_RECIPE = ("make it once where the model can be downloaded: from transformers import CLIPModel, CLIPTokenizer; "
-               "CLIPModel.from_pretrained('openai/clip-vit-base-patch32').save_pretrained(DIR); "
-               "CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch32').save_pretrained(DIR)")
+CLIP_RECIPE = ("make it once where the model can be downloaded: with HUB = 'openai/clip-vit-base-patch32', "
+               "from transformers import CLIPModel, CLIPTokenizer; CLIPModel.from_pretrained(HUB).save_pretrained(DIR); "
+               "CLIPTokenizer.from_pretrained(HUB).save_pretrained(DIR)")
 
 
 def _package_minilm_path() -> str:
