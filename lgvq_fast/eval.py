@@ -134,7 +134,7 @@ class _UInt8Features(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 3), inception_path=None,
-             device=None, seed=0, progress=False, fid=None):
+             device=None, seed=0, progress=False, fid=None, probe=None):
     """Metrics over ``loader`` (collate batches of ``make_collate``) → dict of floats (None when unavailable).
 
     Keys: ``images``, ``psnr``, ``ssim``, ``codebook_usage``, ``perplexity``, ``fid``; per k in ``mask_words``
@@ -148,7 +148,10 @@ def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 
 
     The masked-word and code-word metrics reuse the visual tokens of the forward that gives the reconstructions:
     no further forward of the image model. ``progress`` shows a tqdm bar over the batches; ``fid`` is a fresh
-    ``FID`` to use instead of loading ``inception_path``. Raises ``ValueError`` when the loader yields no image."""
+    ``FID`` to use instead of loading ``inception_path``. ``probe`` (shapes data): a ``ShapesProbe``
+    (``lgvq_fast.downstream.metrics``) that reads the reconstructions; adds ``recon_<attribute>``, the attribute
+    scores of ``probe_scores`` (e.g. ``recon_shape``: the fraction of objects whose kind the probe reads back from
+    the reconstruction) averaged over the images. Raises ``ValueError`` when the loader yields no image."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if fid is None and inception_path:
         fid = FID(inception_path, device)
@@ -171,6 +174,8 @@ def evaluate(model, loader, text_encoder=None, max_batches=None, mask_words=(1, 
             seen.clear()
             out = model(x)
             totals.add_images(x, out, fid)
+            if probe is not None:
+                totals.add_probe(probe, out["x_rec"], batch["captions"])
             if use_text:
                 _text_metrics(model, batch, text_encoder, seen, mask_words, gen, totals)
     finally:
@@ -231,6 +236,7 @@ class _Totals:
         self.vt, self.tg, self.caps = [], [], []
         self.cw_sum, self.cw_n = 0.0, 0
         self.hits = {key: [0.0, 0] for k in mask_words for key in (f"masked_word_acc@{k}", f"mask{k}_recall_paper")}
+        self.probe_sums, self.probe_n, self.probe_rel = {}, 0, 0
 
     def add_images(self, x, out, fid):
         from torchmetrics.functional import image as tm_image
@@ -247,6 +253,22 @@ class _Totals:
             fid.update(x, real=True)
             fid.update(x_rec, real=False)
 
+    def add_probe(self, probe, x_rec, captions):
+        from lgvq_fast.downstream.metrics import parse_caption, probe_scores
+
+        truth = [parse_caption(c) for c in captions]
+        if any(t is None for t in truth):
+            bad = captions[truth.index(None)]
+            raise EvalError(f"--probe reads shapes images only: caption {bad!r} is not a shapes caption")
+        scores = probe_scores(probe, x_rec.float().clamp(-1, 1), truth)
+        for k, v in scores.items():
+            if k not in ("n", "n_relation", "relation") and isinstance(v, float):
+                self.probe_sums[k] = self.probe_sums.get(k, 0.0) + v * len(captions)
+        if scores.get("n_relation"):
+            self.probe_sums["relation"] = self.probe_sums.get("relation", 0.0) + scores["relation"] * scores["n_relation"]
+            self.probe_rel += scores["n_relation"]
+        self.probe_n += len(captions)
+
     def result(self, fid):
         p = self.counts.float() / self.counts.sum().clamp_min(1)
         result = {
@@ -260,6 +282,8 @@ class _Totals:
         result.update({key: hit / n if n else None for key, (hit, n) in self.hits.items()})
         result["code_word_mse"] = self.cw_sum / self.cw_n if self.cw_n else None
         result.update(retrieval_r1(self.vt, self.tg, self.caps))
+        for k, v in self.probe_sums.items():
+            result[f"recon_{k}"] = v / (self.probe_rel if k == "relation" else self.probe_n)
         return result
 
 
@@ -433,6 +457,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the metrics JSON here (its folder is created)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--probe", help="shapes data: a probe file (lgvq_fast/downstream/metrics.py; the downstream "
+                                   "trainer caches one) that reads each reconstruction's shapes: recon_* metrics")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         p.error("--batch-size and --max-batches must be positive")
@@ -446,6 +472,14 @@ def main(argv=None):
             fid = FID(args.inception, device)
         except ValueError as exc:
             raise EvalError(f"--inception: {one_line_error(exc)}") from exc
+    probe = None
+    if args.probe:
+        from lgvq_fast.downstream.metrics import load_probe
+
+        try:
+            probe = load_probe(args.probe, device).eval()
+        except ValueError as exc:
+            raise EvalError(f"--probe: {one_line_error(exc)}") from exc
     model, text_encoder, cfg = load_checkpoint_model(args.ckpt, device, args.text_encoder)
     d = cfg["data"]
     skip = bool(args.skip_bad_samples or d.get("skip_bad_samples", False))
@@ -467,7 +501,7 @@ def main(argv=None):
     loader = _CountSkipped(torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
                                                        collate_fn=collate))
     result = evaluate(model, loader, text_encoder, max_batches=args.max_batches, fid=fid, device=device,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, probe=probe)
     if skip:
         at_build = int(getattr(getattr(ds, "ds", ds), "skipped", 0))
         result["skipped_samples"] = at_build + loader.skipped

@@ -69,10 +69,10 @@ def _wrap(text, width_chars):
 
 
 def save_captioned_grid(x, x_rec, captions, notes=None, path="grid.png", scale=None, text_lines=4):
-    """PNG with one column per image: its caption above (wrapped), the input, its reconstruction, and under them
-    ``notes[i]`` (e.g. the masked-word prediction; None: no notes)."""
-    a, b = to_uint8(x), to_uint8(x_rec)
-    n, h, w, _ = a.shape
+    """PNG with one column per image: its caption above (wrapped), the input, its reconstruction (``x_rec`` None:
+    the input only), and under them ``notes[i]`` (e.g. the masked-word prediction; None: no notes)."""
+    rows = [to_uint8(x)] + ([] if x_rec is None else [to_uint8(x_rec)])
+    n, h, w, _ = rows[0].shape
     scale = scale or max(1, 128 // h)
     cell, pad, line_h = w * scale, 6, 12
     chars = max(8, cell // 6)
@@ -80,16 +80,17 @@ def save_captioned_grid(x, x_rec, captions, notes=None, path="grid.png", scale=N
     note_lines = [_wrap(t, chars)[:3] for t in notes] if notes else [[] for _ in range(n)]
     top = line_h * max(1, max(len(c) for c in cap_lines)) + pad
     bottom = line_h * max(len(t) for t in note_lines) + pad if notes else 0
-    img = Image.new("RGB", (n * (cell + pad) + pad, top + 2 * h * scale + pad + bottom + pad), (255, 255, 255))
+    img = Image.new("RGB", (n * (cell + pad) + pad, top + len(rows) * h * scale + pad + bottom + pad),
+                    (255, 255, 255))
     draw, font = ImageDraw.Draw(img), _font()
     for i in range(n):
         x0 = pad + i * (cell + pad)
         for j, line in enumerate(cap_lines[i]):
             draw.text((x0, pad // 2 + j * line_h), line, fill=(0, 0, 0), font=font)
-        for k, arr in enumerate((a[i], b[i])):
-            tile = Image.fromarray(arr).resize((cell, h * scale), Image.NEAREST)
+        for k, row in enumerate(rows):
+            tile = Image.fromarray(row[i]).resize((cell, h * scale), Image.NEAREST)
             img.paste(tile, (x0, top + k * (h * scale + pad // 2)))
-        y0 = top + 2 * h * scale + pad
+        y0 = top + len(rows) * h * scale + pad
         for j, line in enumerate(note_lines[i]):
             draw.text((x0, y0 + j * line_h), line, fill=(40, 40, 160), font=font)
     _save_png(img, path)

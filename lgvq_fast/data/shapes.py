@@ -106,6 +106,39 @@ def render(objs, resolution):
     return img.resize((resolution, resolution), Image.LANCZOS)
 
 
+# Per-pixel classes of ``render_labels``: 0 is the background, then one per (colour, shape), colours in COLOURS
+# order, shapes in SHAPES order within each colour.
+LABELS = ("background", *(f"{c} {s}" for c in COLOURS for s in SHAPES))
+
+
+def label_of(colour, shape):
+    """Class index in ``LABELS`` of a ``colour`` ``shape`` (1 .. len(LABELS) - 1; 0 is the background)."""
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"unknown colour/shape {colour!r}/{shape!r}; colours {list(COLOURS)}, shapes {list(SHAPES)}")
+    return 1 + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+def render_labels(objs, resolution):
+    """Ground-truth class map of ``render(objs, resolution)``: int64 [R, R], values indices into ``LABELS``.
+
+    Each object is drawn as its class index with ``render``'s geometry at the same supersampled size; each output
+    pixel then takes the class covering most of its supersample block (ties go to the lower index, background
+    first). A majority vote rather than NEAREST: NEAREST keeps one sub-sample of the block, so an edge pixel's label
+    would follow that one point instead of the area that decides the pixel's anti-aliased colour.
+    """
+    size = resolution * _SUPERSAMPLE
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for obj in objs:
+        cx, cy = obj["centre"]
+        _draw_shape(draw, obj["shape"], (cx * size, cy * size), SIZES[obj["size"]] * size,
+                    label_of(obj["colour"], obj["shape"]))
+    blocks = np.asarray(img).reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE)
+    present = np.array(sorted({0, *(label_of(o["colour"], o["shape"]) for o in objs)}), dtype=np.int64)
+    counts = np.stack([(blocks == k).sum((1, 3)) for k in present], axis=-1)  # [R, R, n present]
+    return present[counts.argmax(-1)]
+
+
 def pil_to_tensor(img):
     """PIL RGB image -> float tensor [3, H, W] in [-1, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)

@@ -37,6 +37,9 @@ class CodeTransformerConfig:
     dropout: float = 0.0
     max_image_tokens: int = 256
     max_text_tokens: int = 32
+    # codes per row of the tokenizer's grid: image tokens then also get a row and a column embedding, so the model
+    # starts out knowing which codes are neighbours (0: positions along the sequence only)
+    image_width: int = 0
     # probability that a training row sees the null prefix instead of its own (classifier-free guidance)
     p_uncond: float = 0.1
     mlp_ratio: int = 4
@@ -54,6 +57,10 @@ class CodeTransformerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"CodeTransformerConfig.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.image_width, bool) or not isinstance(self.image_width, int) or self.image_width < 0 \
+                or (self.image_width and self.max_image_tokens % self.image_width):
+            raise ConfigError(f"CodeTransformerConfig.image_width must be 0 or an integer dividing max_image_tokens "
+                              f"({self.max_image_tokens}), got {self.image_width!r}")
         if self.d_model % self.n_head:
             raise ConfigError(f"CodeTransformerConfig.d_model ({self.d_model}) must be divisible by "
                               f"n_head ({self.n_head})")
@@ -157,6 +164,9 @@ class CodeTransformer(nn.Module):
         self.null_emb = nn.Parameter(torch.zeros(d))
         # positions count real tokens: prefix (<= one maximum) + start + target inputs (<= the other maximum - 1)
         self.pos_emb = nn.Embedding(cfg.max_image_tokens + cfg.max_text_tokens, d)
+        if cfg.image_width:
+            self.row_emb = nn.Embedding(cfg.max_image_tokens // cfg.image_width, d)
+            self.col_emb = nn.Embedding(cfg.image_width, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -211,8 +221,14 @@ class CodeTransformer(nn.Module):
             raise ValueError("prefix_mask has a row without any real token")
         return ids.long(), mask
 
-    def _embed(self, ids, modality):
-        return self.tok_emb[modality](ids) + self.mod_emb.weight[modality]
+    def _embed(self, ids, modality, first=0):
+        """Embeddings [B, n, d] of ``ids`` [B, n], the tokens ``first:first + n`` of their modality's sequence (an
+        image's codes in raster order get their row and column embeddings when ``cfg.image_width`` is set)."""
+        h = self.tok_emb[modality](ids) + self.mod_emb.weight[modality]
+        if modality == IMAGE and self.cfg.image_width:
+            at = torch.arange(first, first + ids.shape[1], device=ids.device)
+            h = h + self.row_emb(at // self.cfg.image_width) + self.col_emb(at % self.cfg.image_width)
+        return h
 
     def _embed_prefix(self, prefix, prefix_mask, modality, drop=None):
         """Prefix embeddings [B, P, d] and key mask [B, P]; rows where ``drop`` (bool [B]) is True get the null
@@ -324,7 +340,7 @@ class CodeTransformer(nn.Module):
             # one host read per step, and only when there is an end token to wait for
             if t + 1 == n_new or (eos_id is not None and bool(done.all())):
                 break
-            start, new = real.shape[1], self._embed(nxt.repeat(reps)[:, None], tgt_mod)
+            start, new = real.shape[1], self._embed(nxt.repeat(reps)[:, None], tgt_mod, first=t)
             real = torch.cat([real, real.new_ones(reps * b, 1)], 1)
             if not use_cache:
                 h = torch.cat([h, new], 1)

@@ -8,11 +8,47 @@ Captions are the ``TextBatch`` of the tokenizer's text encoder: start token, wor
   stands in for it), so the target ends with the end token, where generation stops; padding is masked out.
 * ``t2i``: prefix = the whole caption (start and end tokens included, padding masked); target = the codes.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from lgvq_fast.downstream.model import TASKS, CodeTransformer, CodeTransformerConfig
+
+
+class TextVocab:
+    """The text tokens a downstream model knows: the token ids of its training captions (plus the text encoder's
+    start, end and padding ids), renumbered 0..n-1, and one more id, ``unknown``, for any other token. A model over
+    a 30k-49k-token text encoder thus gets embedding and output tables of the captions' own size (a few dozen rows
+    on the shapes data). ``encode`` maps text-encoder ids to the model's, ``decode`` back."""
+
+    def __init__(self, ids, unk_id: int = 0):
+        self.ids = sorted({int(i) for i in ids})
+        if not self.ids or self.ids[0] < 0:
+            raise ValueError(f"TextVocab needs non-negative token ids, got {ids!r}")
+        self.unknown, self.unk_id = len(self.ids), int(unk_id)
+        self._lut = torch.full((self.ids[-1] + 1,), self.unknown, dtype=torch.long)
+        self._lut[torch.tensor(self.ids)] = torch.arange(len(self.ids))
+        self._table = torch.tensor(self.ids + [self.unk_id], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.ids) + 1
+
+    def id(self, token_id: int) -> int:
+        """The model's id of text-encoder token ``token_id`` (``unknown`` when it is not in the vocabulary)."""
+        return int(self._lut[token_id]) if 0 <= token_id < len(self._lut) else self.unknown
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        lut = self._lut.to(ids.device)
+        inside = (ids >= 0) & (ids < len(lut))
+        return torch.where(inside, lut[ids.clamp(0, len(lut) - 1)], torch.full_like(ids, self.unknown))
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._table.to(ids.device)[ids]
+
+    def encode_text(self, text):
+        """``text`` (a TextBatch) with its input ids in the model's numbering."""
+        return dataclasses.replace(text, input_ids=self.encode(text.input_ids))
 
 
 @dataclass
@@ -85,20 +121,24 @@ def make_batch(task: str, codes: torch.Tensor, text) -> TaskBatch:
     return TaskBatch(task, image, image_mask, ids[:, 1:], pad[:, 1:])
 
 
-def config_for(lgvq, text_encoder, **overrides) -> CodeTransformerConfig:
+def config_for(lgvq, text_encoder, vocab: TextVocab | None = None, **overrides) -> CodeTransformerConfig:
     """A CodeTransformerConfig sized for a tokenizer (``LGVQ``: its codebook and grid) and its text encoder (its
-    vocabulary and ``max_len``); ``overrides`` set the other fields."""
+    ``max_len``, and its vocabulary unless a ``TextVocab`` is given); ``overrides`` set the other fields."""
     h, w = lgvq.cfg.grid
-    sizes = dict(image_vocab_size=int(lgvq.quantizer.codebook_size), max_image_tokens=h * w,
-                 text_vocab_size=int(text_encoder.vocab_size), max_text_tokens=int(text_encoder.max_len))
+    sizes = dict(image_vocab_size=int(lgvq.quantizer.codebook_size), max_image_tokens=h * w, image_width=w,
+                 text_vocab_size=len(vocab) if vocab is not None else int(text_encoder.vocab_size),
+                 max_text_tokens=int(text_encoder.max_len))
     return CodeTransformerConfig(**{**sizes, **overrides}).validate()
 
 
-def decode_captions(tokens: torch.Tensor, text_encoder) -> list[str]:
-    """Generated caption tokens [B, n] → strings: each row up to its first end token, special tokens dropped."""
+def decode_captions(tokens: torch.Tensor, text_encoder, vocab: TextVocab | None = None) -> list[str]:
+    """Generated caption tokens [B, n] (in ``vocab``'s numbering when given) → strings: each row up to its first
+    end token, special tokens dropped."""
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be [B, n] caption token ids, got {got}")
+    if vocab is not None:
+        tokens = vocab.decode(tokens)
     eos = text_encoder.eos_token_id
     out = []
     for row in tokens.tolist():
@@ -109,19 +149,27 @@ def decode_captions(tokens: torch.Tensor, text_encoder) -> list[str]:
 
 
 def generate_captions(model: CodeTransformer, codes: torch.Tensor, text_encoder, max_new: int | None = None,
-                      **sampling) -> list[str]:
-    """Captions of the images whose ``codes`` [B, h, w] are given; ``sampling``: ``CodeTransformer.generate``'s
-    options (greedy, temperature, top_k, top_p, generator, cfg_scale). At most ``max_new`` tokens (default: the
-    text encoder's ``max_len`` - 1, the caption task's target length)."""
+                      vocab: TextVocab | None = None, **sampling) -> list[str]:
+    """Captions of the images whose ``codes`` [B, h, w] are given, by a model over ``vocab`` (None: the text
+    encoder's own ids); ``sampling``: ``CodeTransformer.generate``'s options (greedy, temperature, top_k, top_p,
+    generator, cfg_scale). At most ``max_new`` tokens (default: the text encoder's ``max_len`` - 1, the caption
+    task's target length)."""
     max_new = min(text_encoder.max_len - 1, model.cfg.max_text_tokens) if max_new is None else max_new
-    tokens = model.generate(codes_to_tokens(codes).to(model.device), max_new, task="caption",
-                            eos_id=text_encoder.eos_token_id, pad_id=text_encoder.pad_token_id, **sampling)
-    return decode_captions(tokens, text_encoder)
+    eos, pad = text_encoder.eos_token_id, text_encoder.pad_token_id
+    if vocab is not None:
+        eos, pad = (None if eos is None else vocab.id(eos)), vocab.id(pad)
+    tokens = model.generate(codes_to_tokens(codes).to(model.device), max_new, task="caption", eos_id=eos, pad_id=pad,
+                            **sampling)
+    return decode_captions(tokens, text_encoder, vocab)
 
 
-def generate_codes(model: CodeTransformer, text, grid: tuple[int, int], **sampling) -> torch.Tensor:
-    """Code indices [B, h, w] generated from the tokenised captions ``text`` (a TextBatch);
-    ``LGVQ.decode_indices`` turns them into images. ``sampling`` as in ``generate_captions``."""
+def generate_codes(model: CodeTransformer, text, grid: tuple[int, int], vocab: TextVocab | None = None,
+                   **sampling) -> torch.Tensor:
+    """Code indices [B, h, w] generated from the tokenised captions ``text`` (a TextBatch of text-encoder ids,
+    mapped to ``vocab``'s when given); ``LGVQ.decode_indices`` turns them into images. ``sampling`` as in
+    ``generate_captions``."""
+    if vocab is not None:
+        text = vocab.encode_text(text)
     ids, pad = _check_text(text, len(text.input_ids))
     h, w = grid
     tokens = model.generate(ids.to(model.device), h * w, task="t2i", prefix_mask=pad.to(model.device), **sampling)

@@ -143,10 +143,11 @@ def _generate_both(model, prefix, n_new, task, prefix_mask=None, **kw):
     return runs
 
 
+@pytest.mark.parametrize("width", [0, GRID[1]], ids=["positions", "rows_and_columns"])
 @pytest.mark.parametrize("task", ["caption", "t2i"])
 @pytest.mark.parametrize("sampling", list(SAMPLING), ids=list(SAMPLING))
-def test_kv_cache_sampling_equals_full_recomputation(task, sampling):
-    model = _model(p_uncond=0.1)
+def test_kv_cache_sampling_equals_full_recomputation(task, sampling, width):
+    model = _model(p_uncond=0.1, image_width=width)
     if task == "caption":
         prefix, mask, n_new = codes_to_tokens(_codes(3)), None, MAX_TEXT
     else:
@@ -160,6 +161,20 @@ def test_kv_cache_sampling_equals_full_recomputation(task, sampling):
         # each step's logits are the teacher-forced logits of the generated sequence
         full, _ = model(prefix, tokens, task=task, prefix_mask=mask)
         torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+
+
+def test_row_and_column_embeddings_follow_the_grid():
+    """With ``image_width`` an image token's embedding depends on its (row, column): the same code at two cells of
+    one row differs only by their column embeddings."""
+    model = _model(image_width=GRID[1])
+    ids = torch.full((1, GRID[0] * GRID[1]), 3)
+    h = model._embed(ids, 0)
+    torch.testing.assert_close(h[0, 1] - h[0, 0], model.col_emb.weight[1] - model.col_emb.weight[0])
+    torch.testing.assert_close(h[0, GRID[1]] - h[0, 0], model.row_emb.weight[1] - model.row_emb.weight[0])
+    one = model._embed(ids[:, 7:8], 0, first=7)
+    torch.testing.assert_close(one[0, 0], h[0, 7])
+    with pytest.raises(ConfigError, match="image_width"):
+        _model(image_width=4)
 
 
 def test_generation_stops_at_eos():
