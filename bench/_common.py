@@ -192,3 +192,13 @@ def judge_against_native(rows, errs, tols, device, skipped=(), **fields):
     for name, why in skipped:
         rows.append({**fields, "impl": name, "fwd_ms": "skipped", "x_vs_native": why})
     return rows
+
+
+def mean_std(xs):
+    """{"mean", "std" (sample), "n"} of the numbers of ``xs`` that are not None; None when there is none."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd, "n": len(xs)}

@@ -22,6 +22,7 @@ import os
 import time
 
 import torch
+from _common import mean_std
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -84,15 +85,6 @@ def probe(model, cfg, text_encoder, loader, steps, lr):
 
 KEYS = ("psnr", "ssim", "codebook_usage", "masked_word_acc@1", "masked_word_acc@3", "mask1_recall_paper",
         "mask3_recall_paper", "r1_image_to_text", "r1_text_to_image", "code_word_mse")
-
-
-def mean_std(xs):
-    xs = [float(x) for x in xs if x is not None]
-    if not xs:
-        return None
-    m = sum(xs) / len(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return {"mean": m, "std": sd, "n": len(xs)}
 
 
 def summarise(runs, arms, seeds):

@@ -18,6 +18,8 @@ import json
 import os
 import time
 
+from _common import mean_std
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ARMS = ("text", "no_text")
 # the metrics of the README table (all are in the JSON)
@@ -56,15 +58,6 @@ def train_downstream(out, tokenizer, task, seed, steps, device, cache_dir, extra
     if steps:
         args += ["--steps", str(steps)]
     return downstream_train.main(args)
-
-
-def mean_std(xs):
-    xs = [float(x) for x in xs if x is not None]
-    if not xs:
-        return None
-    m = sum(xs) / len(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return {"mean": m, "std": sd, "n": len(xs)}
 
 
 def summarise(runs, seeds):

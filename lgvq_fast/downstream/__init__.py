@@ -11,8 +11,8 @@ tokenizer) into the model's (prefix, target) for each task and the generated tok
 ``[B, h, w]`` codes; ``sampling`` holds the token choice (greedy, temperature, top-k, top-p).
 """
 from lgvq_fast.downstream.model import TASKS, CodeTransformer, CodeTransformerConfig, KVCache
-from lgvq_fast.downstream.tasks import (TaskBatch, TextVocab, codes_to_tokens, config_for, decode_captions, generate_captions,
-                                        generate_codes, make_batch, tokens_to_codes)
+from lgvq_fast.downstream.tasks import (TaskBatch, TextVocab, codes_to_tokens, config_for, decode_captions,
+                                        generate_captions, generate_codes, make_batch, tokens_to_codes)
 
 __all__ = ["TASKS", "CodeTransformer", "CodeTransformerConfig", "KVCache", "TaskBatch", "make_batch",
            "codes_to_tokens", "tokens_to_codes", "decode_captions", "generate_captions", "generate_codes",

@@ -124,7 +124,8 @@ def tokenize_unmasked(text_encoder, captions, max_len):
 
 
 def caption_choice(seed, epoch, index, n_captions) -> int:
-    """Which of an image's ``n_captions`` captions row ``index`` gives in ``epoch``: a pure function of its arguments."""
+    """Which of an image's ``n_captions`` captions row ``index`` gives in ``epoch`` (a pure function of the
+    arguments)."""
     if n_captions <= 1:
         return 0
     return random.Random(mix_seed(seed, epoch, index, 41)).randrange(int(n_captions))

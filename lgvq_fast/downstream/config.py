@@ -10,7 +10,7 @@ starts.
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from lgvq_fast._fields import check_choice, check_ints, check_range, is_int
 from lgvq_fast.downstream.model import TASKS, CodeTransformerConfig
@@ -210,7 +210,7 @@ def make_parser(description=None):
 
 def build_config(args):
     """The validated config of parsed ``args``: the preset, then each flag given, then each ``--set``."""
-    from lgvq_fast.training.config import _parse_value
+    from lgvq_fast.training.config import apply_override
 
     cfg = preset_config(args.config)
     for flag, name, kind, _ in FLAGS:
@@ -219,18 +219,8 @@ def build_config(args):
             continue
         section, key = name.split(".")
         setattr(getattr(cfg, section), key, False if kind is bool else given)
+    fixed = {f"model.{name}": "set by the tokenizer checkpoint (its codebook and grid) and the training captions"
+             for name in TOKENIZER_FIELDS}
     for assignment in args.set or []:
-        if "=" not in assignment:
-            raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
-        key, value = assignment.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
-            raise ConfigError(f"--set key must be model.<field>, data.<field> or train.<field>, got {key!r}")
-        section = getattr(cfg, parts[0])
-        names = {f.name for f in fields(section)}
-        if parts[1] not in names:
-            raise ConfigError(f"--set {key}: unknown field; {parts[0]} has {sorted(names)}")
-        if parts[0] == "model" and parts[1] in TOKENIZER_FIELDS:
-            raise ConfigError(f"--set {key}: set by the tokenizer checkpoint (its codebook, grid and text encoder)")
-        setattr(section, parts[1], _parse_value(value, getattr(section, parts[1]), key))
+        apply_override(cfg, assignment, fixed)
     return cfg.validate()

@@ -98,7 +98,8 @@ def _check_text(text, batch_size):
     ids, pad = getattr(text, "input_ids", None), getattr(text, "pad_mask", None)
     if not isinstance(ids, torch.Tensor) or not isinstance(pad, torch.Tensor) or ids.ndim != 2 \
             or pad.shape != ids.shape or pad.dtype != torch.bool:
-        raise ValueError(f"text must be a TextBatch (input_ids [B, L], bool pad_mask [B, L]), got {type(text).__name__}")
+        raise ValueError("text must be a TextBatch (input_ids [B, L], bool pad_mask [B, L]), got "
+                         f"{type(text).__name__}")
     if ids.shape[0] != batch_size:
         raise ValueError(f"text has {ids.shape[0]} captions for {batch_size} images")
     if ids.shape[1] < 2:

@@ -368,8 +368,9 @@ def build_config(args):
     return cfg.validate()
 
 
-def apply_override(cfg, assignment):
-    """Apply one ``section.key=value`` to ``cfg`` (in place)."""
+def apply_override(cfg, assignment, fixed=None):
+    """Apply one ``section.key=value`` to ``cfg`` (in place; ``cfg`` has ``model``, ``data`` and ``train``
+    dataclass sections). ``fixed``: ``{"section.key": why}`` of the fields no ``--set`` may change."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
     key, value = assignment.split("=", 1)
@@ -380,6 +381,8 @@ def apply_override(cfg, assignment):
     names = {f.name for f in fields(section)}
     if parts[1] not in names:
         raise ConfigError(f"--set {key}: unknown field; {parts[0]} has {sorted(names)}")
+    if fixed and ".".join(parts) in fixed:
+        raise ConfigError(f"--set {key}: {fixed['.'.join(parts)]}")
     setattr(section, parts[1], _parse_value(value, getattr(section, parts[1]), key))
 
 
