@@ -19,6 +19,8 @@ random crop and flip on CUB's train split. The folder is written as ``<folder>.t
 complete; such temp folders of processes that no longer run are removed by the next extraction.
 """
 import contextlib
+import copy
+import functools
 import glob
 import hashlib
 import json
@@ -50,8 +52,17 @@ def tokenizer_identity(ckpt_path) -> dict:
     """What a cache records of the tokenizer checkpoint ``ckpt_path``: ``path``, ``checksum`` (the checkpoint's stored
     checksum, else the SHA-256 of its model weights), ``grid`` [h, w], ``codebook_size``, ``text_encoder`` (its
     config's name), ``max_text_len`` and ``resolution``. FileNotFoundError / EvalError naming the file when it is
-    missing or not a tokenizer training checkpoint."""
-    return _identity(ckpt_path, _read_tokenizer(ckpt_path))
+    missing or not a tokenizer training checkpoint. Read once per file version (path, modification time, size):
+    a run asks for it per split and again when it loads the tokenizer."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {ckpt_path}")
+    st = os.stat(ckpt_path)
+    return copy.deepcopy(_cached_identity(os.path.abspath(ckpt_path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_identity(path, mtime_ns, size):
+    return _identity(path, _read_tokenizer(path))
 
 
 def _read_tokenizer(path):
