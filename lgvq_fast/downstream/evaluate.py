@@ -67,15 +67,11 @@ def caption_metrics(model, cache, text_encoder, n, batch_size, vocab):
     if cache.meta["data"]["name"] == "shapes":
         truth, captions = shapes_truth(cache, indices)
         scores.update(caption_scores(generated, truth))
-        scores.update(_as_dict(bleu4(generated, captions), "bleu4"))
+        scores["bleu4"] = bleu4(generated, captions)
     else:
         refs = [cache.captions(i, text_encoder) for i in indices]
-        scores.update(_as_dict(bleu4(generated, refs), "bleu4"))
+        scores["bleu4"] = bleu4(generated, refs)
     return scores, generated
-
-
-def _as_dict(value, name):
-    return dict(value) if isinstance(value, dict) else {name: float(value)}
 
 
 def t2i_samples(model, cache, tokenizer, t, n, seed, vocab):

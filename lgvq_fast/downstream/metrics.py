@@ -201,17 +201,24 @@ def _text_inputs(generated, truth_captions):
     _check_lists("generated", generated, "truth_captions", truth_captions)
     preds = [" ".join(str(g).lower().split()) for g in generated]
     refs = []
-    for cap in truth_captions:
-        scene = parse_caption(cap)
-        # outside the grammar (another dataset) there is no equivalent wording: the caption alone is the reference
-        refs.append([cap] if scene is None else list(dict.fromkeys([scene.caption(), scene.swapped().caption()])))
+    for i, caps in enumerate(truth_captions):
+        caps = [caps] if isinstance(caps, str) else list(caps)
+        if not caps:
+            raise ValueError(f"truth_captions[{i}] has no caption")
+        row = []
+        for cap in caps:
+            scene = parse_caption(cap)
+            # outside the grammar (another dataset) there is no equivalent wording: the caption alone is a reference
+            row += [cap] if scene is None else [scene.caption(), scene.swapped().caption()]
+        refs.append(list(dict.fromkeys(row)))
     return preds, refs
 
 
-def bleu4(generated: list[str], truth_captions: list[str]) -> float:
+def bleu4(generated: list[str], truth_captions: list) -> float:
     """Corpus BLEU-4 (torchmetrics ``BLEUScore(n_gram=4)``: uniform weights, no smoothing) of the generated captions,
-    lower-cased with whitespace folded, against each image's true caption and, for two objects, its swapped wording
-    ("B right of A" for "A left of B"): both are correct."""
+    lower-cased with whitespace folded, against each image's true caption (``truth_captions[i]``: one string, or the
+    list of all the image's captions, as CUB and COCO have) and, for a two-object shapes caption, its swapped
+    wording ("B right of A" for "A left of B"): both are correct."""
     from torchmetrics.text import BLEUScore
 
     preds, refs = _text_inputs(generated, truth_captions)

@@ -188,6 +188,17 @@ def test_bleu4_and_chrf():
         bleu4(truth, truth[:2])
 
 
+def test_bleu4_with_several_free_text_captions_per_image():
+    """CUB/COCO: each image has several captions outside the shapes grammar; any of them is a reference."""
+    refs = [["this bird has a red crown and black wings", "a small bird with a short beak"],
+            ["a man riding a wave on top of a surfboard", "a surfer rides a large wave"]]
+    assert bleu4([refs[0][1], refs[1][0]], refs) == pytest.approx(1.0)
+    assert bleu4([refs[0][0], refs[1][1]], refs) == pytest.approx(1.0)
+    assert bleu4(["a red bird", "a cat on a sofa"], refs) < 0.5
+    with pytest.raises(ValueError, match=r"truth_captions\[1\] has no caption"):
+        bleu4(["a", "b"], [["a"], []])
+
+
 # ---------------------------------------------------------------- label maps and reading them
 
 
