@@ -157,7 +157,7 @@ def intercept(compiler, max_configs=None):
 
 def launch_everything(quick):
     """Call every host launcher of lgvq_fast.kernels at the shapes the benchmarks and the model use."""
-    from lgvq_fast.kernels import ema, group_norm, lpips, nearest_code, relation
+    from lgvq_fast.kernels import ema, group_norm, lpips, nearest_code, nearest_code_certified, relation
 
     g = torch.Generator().manual_seed(0)
     # (N, K, D): the paper shape, the two small-D benchmark shapes, and an odd D (masked, two D tiles).
@@ -171,6 +171,8 @@ def launch_everything(quick):
                 nearest_code.nearest_code_fwd(z, cb, metric, precision, split)
         nearest_code.nearest_code_fwd(z.bfloat16(), cb, "l2", "fast")
         nearest_code.nearest_code_fwd(z.half(), cb.half(), "l2", "exact")
+        for metric in ("l2", "cos"):  # the kernel only: the float64 steps after it read what it would write
+            nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64))
     for K, D in [(1024, 256), (512, 8)] + ([] if quick else [(16384, 256), (1000, 77)]):
         N = 2048
         z = torch.randn(N, D, generator=g)

@@ -20,6 +20,10 @@ Precision:
 - ``exact``: the indices equal the argmin of float64 distances except where two
   codes are tied within fp32 rounding (Triton: split-precision ``tf32x3``
   products of fp32 operands).
+  ``lgvq_fast.kernels.nearest_code_certified`` is a stricter candidate for this
+  mode, measured on CPU only so far: float64's own argmin, from one fp16 pass that
+  proves most rows with a rigorous error bound and float64 for the rest
+  (``bench/nn_search.py`` row "triton exact certified"; derivation in NOTES.md).
 - ``fast``: bf16 operands with fp32 accumulation; ``||e||^2``, ``||z||^2`` and
   the reported distance stay fp32. Measured mismatch rate against float64
   (tie-aware) in the Triton CPU interpreter, which performs the same bf16

@@ -714,3 +714,230 @@ def test_nearest_code_gpu_is_deterministic_and_handles_strides(impl):
     assert torch.equal(strided[0], first[0])
     z_sq = z.double().pow(2).sum(1)
     assert ((strided[1].double() - first[1].double()).abs() <= 1e-5 * (z_sq + 1)).all()
+
+
+# ---- certified exact mode (kernels/nearest_code_certified.py): fp16 pass 1 proves rows, float64 re-scores ----
+
+def _certified(z, codebook, metric, stats=None):
+    from lgvq_fast.kernels.nearest_code_certified import nearest_code_certified
+
+    return nearest_code_certified(z.reshape(-1, z.shape[-1]), codebook, metric, stats=stats)
+
+
+def _scores64(z2d, codebook, metric):
+    """float64 scores ``[N, K]`` (``||e||^2 - 2 z.e``, or ``-cos``) and per row the magnitudes they sum."""
+    z64, e64 = z2d.double(), codebook.double()
+    if metric == "cos":
+        return -(ref._normalize(z64) @ ref._normalize(e64).T), torch.ones(z2d.shape[0], dtype=torch.float64)
+    e_sq = e64.pow(2).sum(dim=1)
+    return e_sq - 2.0 * (z64 @ e64.T), e_sq.max() + 2.0 * z64.norm(dim=1) * e_sq.max().sqrt()
+
+
+def _check_certified(z, codebook, indices, distances, metric):
+    """The float64 answer, not just a near one: the index equals float64's argmin unless the two codes' float64
+    scores agree within float64 rounding (1e-12 of the magnitudes summed), and the distance is the float64
+    distance of that code rounded to fp32. (The plain exact mode is held to 1e-5 of the magnitudes.)"""
+    D = z.shape[-1]
+    z2d, idx, dist = z.reshape(-1, D), indices.reshape(-1), distances.reshape(-1)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert ((idx >= 0) & (idx < codebook.shape[0])).all(), "index out of range (unwritten output?)"
+    assert torch.isfinite(dist).all(), "unwritten (poisoned) or non-finite distances"
+    truth, _ = ref.exact_nearest(z2d, codebook, metric)
+    scores, scale = _scores64(z2d, codebook, metric)
+    gap = scores.gather(1, idx[:, None])[:, 0] - scores.gather(1, truth[:, None])[:, 0]
+    off = (idx != truth) & (gap.abs() > 1e-12 * scale)
+    assert not off.any(), f"{int(off.sum())} rows off the float64 argmin, e.g. row {int(off.nonzero()[0])}: " \
+                          f"{int(idx[off][0])} instead of {int(truth[off][0])} (score gap {float(gap[off][0]):.3g})"
+    want = ref.exact_distances(z2d, codebook, idx[:, None], metric)[:, 0]
+    err = (dist.double() - want).abs()
+    # fp32 rounding of the float64 value; for cos also float64's own rounding of 1 - cos near 0 (a row on a code)
+    tol = 2.0**-23 * want.abs() + (1e-15 if metric == "cos" else 1e-30)
+    assert (err <= tol).all(), f"distance off by {float((err - tol).max()):.3g} beyond fp32 rounding"
+
+
+CERT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", CERT_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_matches_float64(metric, shape, dtype):
+    assert _alloc.poison_enabled(), "tests must run with poisoned outputs (tests/conftest.py)"
+    N, K, D = shape
+    z, codebook = torch.randn(N, D).to(dtype), torch.randn(K, D).to(dtype)
+    indices, distances = _certified(z, codebook, metric)
+    _check_certified(z, codebook, indices, distances, metric)
+
+
+def _adversarial(case, metric, N=160, K=300, D=40):
+    """Inputs built to defeat a low-precision search: ``duplicates`` (every code twice, in different tiles),
+    ``near_ties`` (rows equidistant from two codes up to 1e-6), ``on_codes`` (||e|| ~ 100 and z = e_k +
+    1e-3 noise: distances tiny next to the norms), ``clustered`` (a trained-looking codebook: 6 clusters,
+    code norms spread over 10^-1..10^1), ``scales`` (rows and codes spread over many decades)."""
+    if case == "duplicates":
+        base = torch.randn(K // 2, D)
+        codebook = base[torch.cat([torch.arange(K // 2), torch.randperm(K // 2)])]
+        z = codebook[torch.randint(0, K, (N,))] + 0.3 * torch.randn(N, D)
+    elif case == "near_ties":
+        codebook = torch.randn(K, D)
+        a, b = torch.randint(0, K, (N,)), torch.randint(0, K, (N,))
+        z = 0.5 * (codebook[a] + codebook[b]) + 1e-6 * torch.randn(N, D)
+        if metric == "cos":  # equal angles: the bisector of the two unit codes
+            z = ref._normalize(codebook[a].double()) + ref._normalize(codebook[b].double())
+            z = (z + 1e-7 * torch.randn(N, D, dtype=torch.float64)).float()
+    elif case == "on_codes":
+        codebook = torch.randn(K, D) * (100.0 / D**0.5)
+        z = codebook[torch.randint(0, K, (N,))] + 1e-3 * torch.randn(N, D)
+    elif case == "clustered":
+        centres = torch.randn(6, D)
+        codebook = centres[torch.randint(0, 6, (K,))] + 0.05 * torch.randn(K, D)
+        codebook = codebook * 10.0 ** (2 * torch.rand(K, 1) - 1)
+        z = codebook[torch.randint(0, K, (N,))] * (1 + 0.02 * torch.randn(N, 1)) + 0.02 * torch.randn(N, D)
+    elif case == "scales":
+        lo, hi = (-30, 30) if metric == "cos" else (-12, 12)
+        codebook = torch.randn(K, D) * 10.0 ** (lo + (hi - lo) * torch.rand(K, 1))
+        z = torch.randn(N, D) * 10.0 ** (lo + (hi - lo) * torch.rand(N, 1))
+        z[: N // 4] = codebook[torch.randint(0, K, (N // 4,))] * (1 + 1e-4 * torch.randn(N // 4, D))
+    else:
+        raise AssertionError(case)
+    return z, codebook
+
+
+ADVERSARIAL = ["duplicates", "near_ties", "on_codes", "clustered", "scales"]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ADVERSARIAL)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_adversarial_inputs(metric, case):
+    z, codebook = _adversarial(case, metric)
+    stats = {}
+    indices, distances = _certified(z, codebook, metric, stats)
+    _check_certified(z, codebook, indices, distances, metric)
+    rescored = int(stats["rescored"])
+    assert rescored == int((~stats["proven"]).sum())
+    if case == "duplicates":
+        # every row's nearest code has an exact twin: nothing can be proven, float64 picks the lower index
+        assert rescored == z.shape[0]
+        assert torch.equal(_first_occurrence(codebook)[indices], indices)
+    if case == "on_codes":
+        # distances of 1e-3 next to norms of 100 are far apart from the runner-up's: all proven
+        assert rescored == 0, f"{rescored} rows re-scored"
+
+
+@needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_proves_most_gaussian_rows(metric):
+    """The certificate is not vacuous: on Gaussian inputs most rows are proven in the fp16 pass (measured 1-3 %
+    re-scored at these shapes), and the stats count exactly the rows not proven."""
+    z, codebook = torch.randn(400, 64), torch.randn(500, 64)
+    stats = {}
+    indices, distances = _certified(z, codebook, metric, stats)
+    _check_certified(z, codebook, indices, distances, metric)
+    assert int(stats["rescored"]) <= 0.15 * z.shape[0], f"{int(stats['rescored'])} of 400 rows re-scored"
+
+
+def _bound_check(z, codebook, metric, sequential):
+    """Pass 1 emulated in PyTorch from the launcher's own prepared operands: every computed score lies within
+    its code's bound ``||z|| P_k + rho_z Q_k + R_k`` of the real score (float64 of the fp32 inputs). The
+    fp32 accumulation is a BLAS product, or with ``sequential`` a left-to-right sum over D (the order with
+    the largest error bound). Returns the largest error / bound ratio."""
+    from lgvq_fast.kernels import nearest_code_certified as cert
+
+    codes = cert._prepare_codes(codebook, metric)
+    rows = cert._prepare_rows(z, metric, codes)
+    keep = ~rows["force"] & ~rows["bad"]
+    z16, e16 = rows["z16"].float(), codes["e16"].float()
+    if sequential:
+        acc = torch.zeros(z.shape[0], codebook.shape[0])
+        for j in range(z.shape[1]):
+            acc = acc + z16[:, j:j + 1] * e16[:, j][None, :]
+    else:
+        acc = z16 @ e16.T
+    computed = codes["a"][None, :] - acc * rows["f"][:, None]
+    scores, _ = _scores64(z, codebook, metric)
+    if metric == "cos":  # the kernel's cos score is -z.e_hat, not -cos: scale the truth by max(||z||, eps)
+        scores = scores * z.double().norm(dim=1, keepdim=True).clamp_min(ref.COS_EPS)
+    bound = (rows["m"][:, None] * codes["P"][None, :] + rows["rho"][:, None] * codes["Q"][None, :]
+             + codes["R"][None, :]).double()
+    err = (computed.double() - scores).abs()
+    valid = keep[:, None] & torch.isfinite(codes["a"])[None, :]
+    assert (err[valid] <= bound[valid]).all(), f"score error {float((err / bound)[valid].max()):.3g} x its bound"
+    return float((err / bound)[valid].max())
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["blas", "sequential"])
+@pytest.mark.parametrize("case", ["gaussian"] + ADVERSARIAL)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_error_bound_holds(metric, case, sequential):
+    """The derivation in lgvq_fast/ops/NOTES.md, checked score by score: the bound is never exceeded, and it is
+    not loose by orders of magnitude on plain inputs (the largest error reaches a fraction of it)."""
+    if case == "gaussian":
+        z, codebook = torch.randn(200, 256), torch.randn(300, 256)
+    else:
+        z, codebook = _adversarial(case, metric, N=120, K=200, D=40)
+    ratio = _bound_check(z, codebook, metric, sequential)
+    if case == "gaussian":
+        assert ratio > 1e-3, f"bound {1 / ratio:.0f}x the largest error: looser than the derivation says"
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", FAULT_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_nonfinite_codes_and_rows(metric, shape):
+    N, K, D = shape
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    bad_codes = _inject_bad_codes(z, codebook)
+    bad_rows, others = _inject_bad_rows(z)
+    indices, distances = _certified(z, codebook, metric)
+    assert not torch.isin(indices[others], bad_codes).any()
+    assert (indices[bad_rows] == 0).all() and distances[bad_rows].isnan().all()
+    _check_rule(z, codebook, indices, distances, metric, "exact")
+
+
+@needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_edge_cases(metric):
+    """No valid code (index 0, NaN everywhere), an empty batch, K = 1, rows of zeros (cos: all codes tie at
+    distance 1, lowest index), and for l2 rows whose ||z||^2 overflows fp32 (distance +inf) and codes whose
+    ||e||^2 overflows (never chosen)."""
+    z, codebook = torch.randn(70, 33), torch.randn(45, 33)
+    dead = codebook.clone()
+    dead[torch.arange(45), torch.randint(0, 33, (45,))] = float("nan")
+    indices, distances = _certified(z, dead, metric)
+    assert (indices == 0).all() and distances.isnan().all()
+    indices, distances = _certified(z[:0], codebook, metric)
+    assert indices.shape == (0,) and distances.shape == (0,)
+    indices, distances = _certified(z, codebook[:1], metric)
+    assert (indices == 0).all()
+    _check_certified(z, codebook[:1], indices, distances, metric)
+    zeros = torch.zeros(5, 33)
+    indices, distances = _certified(zeros, codebook, metric)
+    truth, _ = ref.exact_nearest(zeros, codebook, metric)
+    assert torch.equal(indices, truth)
+    if metric == "l2":
+        big, cb = torch.randn(60, 37), torch.randn(80, 37)
+        big[:20] *= 1e20
+        huge = torch.randperm(80)[:8]
+        cb[huge] *= 1e20
+        indices, distances = _certified(big, cb, "l2")
+        assert not torch.isin(indices, huge).any()
+        assert (distances[:20] == float("inf")).all() and torch.isfinite(distances[20:]).all()
+        _check_rule(big, cb, indices, distances, "l2", "exact")
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("case", ["gaussian"] + ADVERSARIAL)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_gpu_matches_float64(metric, case):
+    """On the GPU's tensor cores (whose fp32 accumulation the bound assumes no worse than 2^-22 per add):
+    float64's argmin at a larger shape, on every adversarial input."""
+    if case == "gaussian":
+        z, codebook = torch.randn(4096, 256), torch.randn(2048, 256)
+    else:
+        z, codebook = _adversarial(case, metric, N=2048, K=1024, D=256)
+    stats = {}
+    indices, distances = _certified(z.cuda(), codebook.cuda(), metric, stats)
+    _check_certified(z, codebook, indices.cpu(), distances.cpu(), metric)
