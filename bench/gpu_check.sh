@@ -49,6 +49,9 @@ stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py
 stage quantizer 60 python3 bench/quantizer.py
 stage relation 45 python3 bench/relation.py
+# the paper's batch of 8, and CLIP's context of 77 words (fused since the word tiles; before, the reference ran)
+stage relation_b8 30 python3 bench/relation.py --shape 8x30x256x512
+stage relation_l77 30 python3 bench/relation.py --shape 64x77x256x512
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 60 python3 bench/lpips.py
 

@@ -5,7 +5,7 @@ Rows (random normal inputs, about 30 % padded words):
   fancy indexing, spec section 4), autograd backward;
 - reference vectorised: ``lgvq_fast.reference.relation.relation_loss`` (one gather), autograd
   backward -- the baseline;
-- triton: the public op (one fused launch each way plus a one-program sum).
+- triton: the public op (fused launches over batch elements and tiles, L <= 128).
 
 Columns: forward ms and forward+backward ms (median; do_bench on GPU), error of the loss and of the
 gradient to ``codes`` against float64, and speed-ups of fwd+bwd over the vectorised reference and
@@ -105,7 +105,9 @@ def main():
                        ("x_vs_loop", "vs word loop")])
     if interpreted_run(device):
         return
-    path = write_results("relation", device, rows, extra={"shape": {"B": B, "L": L, "T": T, "C": C}})
+    # a shape other than the default gets its own file (bench/results/relation/<card>_<B>x<L>x<T>x<C>.json)
+    tag = None if (B, L, T, C) == default else f"{B}x{L}x{T}x{C}"
+    path = write_results("relation", device, rows, extra={"shape": {"B": B, "L": L, "T": T, "C": C}}, tag=tag)
     print(f"wrote {path}")
 
 

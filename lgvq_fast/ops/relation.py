@@ -24,11 +24,11 @@ Not accepted: an empty batch (B = 0), no words (L = 0), no vision tokens (T = 0)
 raises ValueError (a mean over zero entries has no value). NaN/inf inputs are not checked (a check
 costs a device sync); they give a NaN loss.
 
-Backends: ``reference`` (vectorised PyTorch, forward and an analytic backward), ``triton`` (one fused
-launch per batch element each way plus a one-program sum; L <= 64, because the L x L tiles are staged
-in shared memory: at L = 128 the backward needs 192 KiB). There is no compiled-extension kernel for
-this op: ``impl="cuda"`` raises, and ``auto`` picks triton -> reference on CUDA tensors (reference
-for L > 64) and reference elsewhere.
+Backends: ``reference`` (vectorised PyTorch, forward and an analytic backward), ``triton`` (fused launches
+over batch elements and tiles of tokens, words or channels, and a one-program sum; L <= 128, CLIP's context of
+77 included: the L x L relation matrices are computed in 32-row tiles of words). There is no compiled-extension
+kernel for this op: ``impl="cuda"`` raises, and ``auto`` picks triton -> reference on CUDA tensors (reference
+for L > 128) and reference elsewhere.
 
 Autograd overhead (STYLE #4), measured with ``impl="reference"`` on CPU at B=2, L=5, T=7, C=16,
 forward+backward through the custom op, best of 6 medians of 1000 calls (torch 2.13.0, 2-core CPU):
@@ -46,7 +46,7 @@ from lgvq_fast.ops._checks import FLOAT_DTYPES, check_binary_mask, check_same_de
 from lgvq_fast.reference import relation as _ref
 
 DEFAULT_EPS = 1e-6
-TRITON_MAX_L = 64
+TRITON_MAX_L = 128
 PAD_DTYPES = (torch.bool,) + FLOAT_DTYPES
 
 

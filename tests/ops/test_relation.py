@@ -10,8 +10,10 @@ from lgvq_fast.reference import relation as ref
 CPU_IMPLS = ["reference"] + (["triton"] if _backend.triton_available() else [])
 needs_triton = pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
 # (B, L, T, C): non-powers of two; one word and one token; L beyond one 16-row tile; C over several tiles;
-# L above 32 (the 64-row tiles).
-SHAPES = [(3, 7, 50, 77), (2, 1, 1, 16), (2, 30, 33, 40), (1, 17, 9, 130), (2, 45, 20, 50)]
+# L above 32 (two 32-word row tiles of a 64-wide block); CLIP's 77 and the limit 128 with few tokens, so that words
+# in different row tiles share a token (their gradients are summed across tiles).
+SHAPES = [(3, 7, 50, 77), (2, 1, 1, 16), (2, 30, 33, 40), (1, 17, 9, 130), (2, 45, 20, 50), (2, 77, 5, 24),
+          (1, 128, 3, 20)]
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -238,8 +240,8 @@ def test_relation_loss_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="cuda"):
         relation_loss(text, vision, codes, pad, impl="cuda")
     if _backend.triton_available():
-        long_text, long_pad = torch.randn(1, 65, C), torch.ones(1, 65, dtype=torch.bool)
-        with pytest.raises(ValueError, match="L <= 64"):
+        long_text, long_pad = torch.randn(1, 129, C), torch.ones(1, 129, dtype=torch.bool)
+        with pytest.raises(ValueError, match="L <= 128"):
             relation_loss(long_text, vision[:1], codes[:1], long_pad, impl="triton")
 
 
@@ -326,7 +328,8 @@ def test_relation_loss_gpu_triton_matches_float64(dtype):
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("shape", [(4, 30, 256, 512), (3, 7, 77, 33), (64, 30, 256, 512)], ids=_shape_id)
+@pytest.mark.parametrize("shape", [(4, 30, 256, 512), (3, 7, 77, 33), (64, 30, 256, 512), (8, 77, 256, 512),
+                                   (4, 128, 256, 512)], ids=_shape_id)
 def test_relation_loss_gpu_triton_training_shapes_match_float64(shape):
     B, L, T, C = shape
     text, vision, codes, _ = (t.cuda() for t in _inputs(B, L, T, C))
