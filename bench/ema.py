@@ -1,9 +1,11 @@
 """Codebook EMA update benchmark: `python bench/ema.py [--shape NxKxD]`.
 
-Rows (random normal z, uniform random indices, fp32 buffers):
+Rows (random normal z, uniform random indices -- with ``--skew``, half the rows on one code -- fp32 buffers):
 - reference one-hot: the textbook ``one_hot(indices) ^T @ z`` update (an N x K matrix) -- the baseline;
 - reference index_add: ``lgvq_fast.reference.ema`` (bincount + index_add_);
 - triton deterministic / triton atomic: the public op (sorted segments, or float atomics);
+- triton deterministic scan: the kernels' scan path (fixed chunks of sorted rows, a segmented scan and a
+  fix-up for codes spanning chunks), a candidate for the deterministic default;
 - cuda: the public op with ``impl="cuda"`` when ``lgvq_fast._C`` is built.
 The public-op rows pass ``check_indices=False`` (the range check is a device sync; the indices
 here come from ``randint`` and are in range).
@@ -39,6 +41,10 @@ def _impls(device):
                 ema_update_(*a, deterministic=det, check_indices=False, impl="triton")
 
             rows.append((name, run))
+        from lgvq_fast.kernels.ema import ema_update_fwd
+
+        rows.append(("triton deterministic scan",
+                     lambda *a: ema_update_fwd(*a, deterministic=True, method="scan")))
     else:
         skipped.append(("triton", "needs a CUDA GPU (and triton)"))
     if device.type == "cuda" and _backend.cuda_ext_available():
@@ -51,6 +57,8 @@ def _impls(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", help="NxKxD (default: 65536x16384x256 on GPU, 16384x1024x64 on CPU)")
+    parser.add_argument("--skew", action="store_true", help="half the rows assigned to one code (written to "
+                        "bench/results/ema/<card>_skew.json)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
@@ -58,6 +66,8 @@ def main():
     torch.manual_seed(0)
     z = torch.randn(N, D, device=device)
     indices = torch.randint(0, K, (N,), device=device)
+    if args.skew:
+        indices[torch.randperm(N, device=device)[: N // 2]] = 0
     cluster_size = torch.rand(K, device=device) * 4 + 0.5
     buffers = [cluster_size, torch.randn(K, D, device=device), torch.randn(K, D, device=device)]
     want = [b.double() for b in buffers]
@@ -82,12 +92,14 @@ def main():
         row["speedup_vs_onehot"] = speedup_cell(row["ok"], row["impl"], device, base, row["ms"])
     for name, why in skipped:
         rows.append({"impl": name, "ms": "skipped", "speedup_vs_onehot": why})
-    print(f"ema_update_  N={N} K={K} D={D}  on {device_name(device)}  (tolerance {tol:.2e})")
+    skew = " skewed" if args.skew else ""
+    print(f"ema_update_  N={N} K={K} D={D}{skew}  on {device_name(device)}  (tolerance {tol:.2e})")
     print_table(rows, [("impl", "impl"), ("ms", "ms"), ("GB/s", "GB/s"), ("max_abs_err", "max |err| vs fp64"),
                        ("speedup_vs_onehot", "speed-up vs one-hot")])
     if interpreted_run(device):
         return
-    path = write_results("ema", device, rows, extra={"shape": {"N": N, "K": K, "D": D}, "tolerance": tol})
+    path = write_results("ema", device, rows, extra={"shape": {"N": N, "K": K, "D": D}, "tolerance": tol,
+                                                      "skew": args.skew}, tag="skew" if args.skew else None)
     print(f"wrote {path}")
 
 

@@ -184,6 +184,8 @@ def launch_everything(quick):
         ema.ema_finish_(torch.rand(K), torch.randn(K, D), torch.empty(K, D), counts, sums, 0.99, 1e-5)
         ema.ema_update_fwd(torch.rand(K), torch.randn(K, D), torch.empty(K, D, dtype=torch.bfloat16),
                            z.bfloat16(), idx, 0.99, 1e-5)
+        ema.ema_update_fwd(torch.rand(K), torch.randn(K, D), torch.empty(K, D), z, idx, 0.99, 1e-5, method="scan")
+        ema.ema_counts_sums(z, idx, K, method="scan")
     relation_shapes = [(4, 30, 256, 512), (4, 64, 256, 256), (4, 77, 256, 512), (4, 128, 256, 512)]
     for B, L, T, C in relation_shapes + ([] if quick else [(4, 12, 64, 64), (4, 30, 1024, 768)]):
         for dtype in (torch.float32, torch.bfloat16):

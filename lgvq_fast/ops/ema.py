@@ -19,8 +19,9 @@ device-to-host sync per call, so a caller that produced ``indices`` itself (e.g.
 ``nearest_code``) can pass ``check_indices=False``. Out-of-range indices are then undefined behaviour.
 
 Backends: ``reference`` (bincount/index_add_; on CUDA ``index_add_`` uses float atomics),
-``triton`` (sort + two launches, bitwise deterministic; ``deterministic=False`` scatters with float
-atomics instead), ``cuda`` (``lgvq_fast._cuda.ema_update_``, needs the compiled extension; it
+``triton`` (sort + two launches, bitwise deterministic; ``LGVQ_FAST_EMA_METHOD=scan`` picks the chunked
+segmented-scan path of ``lgvq_fast.kernels.ema``, which does not serialise a code holding most rows;
+``deterministic=False`` scatters with float atomics instead), ``cuda`` (``lgvq_fast._cuda.ema_update_``, needs the compiled extension; it
 ignores ``deterministic``). ``auto`` = cuda -> triton -> reference on CUDA tensors, reference elsewhere.
 
 ``process_group`` (a ``torch.distributed`` ProcessGroup): counts and sums are all-reduced (SUM)

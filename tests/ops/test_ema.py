@@ -388,3 +388,92 @@ def test_ema_update_z_aliasing_the_codebook(impl):
     want = _run("reference", buffers, buffers[2][: K // 2].clone(), idx[: K // 2])
     for name, g, w in zip(("cluster_size", "embed_avg", "embed"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ---- the scan path (kernels/ema.py, method="scan"): fixed chunks of sorted rows, a segmented scan, a fix-up ----
+
+def _assignments(kind, N, K):
+    """``uniform``; ``skewed`` (code 3 takes half the rows, the rest uniform: the case that serialises the
+    per-code path); ``sparse`` (a tenth of the codes used, so runs of empty codes sit between segments)."""
+    if kind == "uniform":
+        return torch.randint(0, K, (N,))
+    if kind == "skewed":
+        idx = torch.randint(0, K, (N,))
+        idx[torch.randperm(N)[: N // 2]] = min(3, K - 1)
+        return idx
+    used = torch.randperm(K)[: max(1, K // 10)]
+    return used[torch.randint(0, used.numel(), (N,))]
+
+
+# N over several chunks (64 rows in the interpreter: a code spanning 5+ chunks when skewed), N below one chunk
+# with K over several 32-code fix-up blocks, K = 1, N = 0; D = 40 and 70 over two and three 32-column blocks.
+SCAN_SHAPES = [(700, 37, 40), (50, 130, 24), (300, 1, 8), (0, 20, 16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "sparse"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=_shape_id)
+def test_ema_scan_path_matches_float64_and_is_bitwise_stable(shape, kind):
+    from lgvq_fast.kernels import ema as tri
+
+    assert _alloc.poison_enabled(), "tests must run with poisoned outputs (tests/conftest.py)"
+    N, K, D = shape
+    buffers = _buffers(K, D)
+    z = torch.randn(N, D)
+    indices = _assignments(kind, N, K)
+    want = _float64_update(buffers, z, indices, 0.9, 1e-5)
+    fp32_ref = [b.clone() for b in buffers]
+    ref.ema_update_(*fp32_ref, z, indices, 0.9, 1e-5)
+    runs = []
+    for _ in range(2 if kind == "skewed" else 1):  # the interpreter is slow: a second run where codes span chunks
+        got = [b.clone() for b in buffers]
+        tri.ema_update_fwd(*got, z, indices, 0.9, 1e-5, deterministic=True, method="scan")
+        runs.append(got)
+    for name, g, w, r in zip(("cluster_size", "embed_avg", "embed"), runs[0], want, fp32_ref):
+        _assert_close_derived(g, w, r, name)
+    for a, b in zip(runs[0], runs[-1]):
+        assert torch.equal(a, b), "scan path not bitwise deterministic"
+
+
+@needs_triton
+def test_ema_scan_wide_d():
+    """D over three 32-column blocks, K over five 32-code fix-up blocks, skewed."""
+    from lgvq_fast.kernels import ema as tri
+
+    N, K, D = 400, 150, 70
+    buffers = _buffers(K, D)
+    z = torch.randn(N, D)
+    indices = _assignments("skewed", N, K)
+    want = _float64_update(buffers, z, indices, 0.9, 1e-5)
+    fp32_ref = [b.clone() for b in buffers]
+    ref.ema_update_(*fp32_ref, z, indices, 0.9, 1e-5)
+    got = [b.clone() for b in buffers]
+    tri.ema_update_fwd(*got, z, indices, 0.9, 1e-5, deterministic=True, method="scan")
+    for name, g, w, r in zip(("cluster_size", "embed_avg", "embed"), got, want, fp32_ref):
+        _assert_close_derived(g, w, r, name)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "sparse"])
+def test_ema_scan_counts_sums_match_float64(kind):
+    """Stage 1 of the distributed update on the scan path: every code's sum written (poisoned outputs), codes
+    inside one chunk, across chunks and without rows."""
+    from lgvq_fast.kernels import ema as tri
+
+    N, K, D = 400, 90, 45
+    z = torch.randn(N, D)
+    indices = _assignments(kind, N, K)
+    counts, sums = tri.ema_counts_sums(z, indices, K, True, method="scan")
+    assert torch.equal(counts.double(), torch.bincount(indices, minlength=K).double())
+    want = torch.zeros(K, D, dtype=torch.float64).index_add_(0, indices, z.double())
+    tol = 4 * FP32_EPS * torch.zeros(K, D, dtype=torch.float64).index_add_(0, indices, z.double().abs()).max()
+    assert torch.isfinite(sums).all(), "unwritten (poisoned) sums"
+    assert (sums.double() - want).abs().max() <= tol
+
+
+@needs_triton
+def test_ema_method_is_checked():
+    from lgvq_fast.kernels import ema as tri
+
+    with pytest.raises(ValueError, match="method"):
+        tri._method("sorted")

@@ -33,8 +33,9 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     for kernel in ("_nearest_code_fwd_kernel", "_certify_kernel", "_code_norms_kernel", "_code_normalize_kernel",
-                   "_ema_cluster_size_kernel", "_ema_embed_kernel", "_ema_scatter_kernel", "_relation_loss_fwd_kernel",
-                   "_relation_loss_bwd_kernel", "_relation_loss_reduce_kernel"):
+                   "_ema_cluster_size_kernel", "_ema_embed_kernel", "_ema_scatter_kernel", "_ema_chunk_kernel",
+                   "_ema_fixup_kernel", "_relation_loss_fwd_kernel", "_relation_loss_bwd_kernel",
+                   "_relation_loss_scatter_kernel", "_relation_loss_reduce_kernel"):
         assert any(kernel + "[" in line for line in compiled), f"{kernel} was never compiled:\n{out[-4000:]}"
     # every constexpr variant of the search kernel the launchers pick
     for variant in ("FAST=False, SPLIT_BF16=False", "FAST=False, SPLIT_BF16=True", "FAST=True, SPLIT_BF16=False"):
