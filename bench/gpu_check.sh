@@ -47,6 +47,7 @@ stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-
 stage train_step 90 python3 bench/train_step.py
 stage nn_search 120 python3 bench/nn_search.py
 stage ema 45 python3 bench/ema.py
+stage ema_skew 30 python3 bench/ema.py --skew
 stage quantizer 60 python3 bench/quantizer.py
 stage relation 45 python3 bench/relation.py
 # the paper's batch of 8, and CLIP's context of 77 words (fused since the word tiles; before, the reference ran)

@@ -13,19 +13,23 @@ index) without computing every score in high precision:
    code's true score exceeds the best's, so the low-precision argmin is the true one. ``B`` is a rigorous
    bound on ``|computed score - real score|`` from the measured rounding residuals, the norms and the fp32
    accumulation (derivation and constants: ``lgvq_fast/ops/NOTES.md``, "nearest_code: certified exact
-   mode"); it is taken per tile of codes, as ``||z|| P_t + rho_z Q_t + R_t`` with the tile's largest code
+   mode"); it is taken per tile of codes, as ``||z|| P_t + rho_z Q_t + R_t`` (the second level adds
+   ``lam_z L_t``) with the tile's largest code
    terms, two FMAs per row and tile.
-3. **Re-score** the unproven rows -- true ties and near-ties, duplicated codes, rows too large for the
+3. **Second level**: the unproven rows (compacted) are searched again with split-fp16 operands, ``hi + lo
+   2^-12`` (three products, ``hi.hi + 2^-12 (hi.lo + lo.hi)``), whose residuals are about 2^-11 of the first
+   level's, under the same certificate.
+4. **Re-score** what is still unproven -- true ties and near-ties, duplicated codes, rows too large for the
    scaled fp16 range -- in float64 over the whole codebook (``lgvq_fast.reference.nearest_code``, chunked;
    cuBLAS DGEMM on a GPU), with the op's rule for non-finite values applied in fp32 terms.
-4. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32.
+5. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32.
 
 The result is the float64 argmin except where float64 itself ties (within its own rounding); it does not
 depend on tile order, config or backend. Extra memory: fp16 copies of ``z`` and the codebook (2 (N + K) D
 bytes), a few fp32 vectors, and the float64 temporaries of steps 1 and 4 (chunked over rows).
 
-Status: a CPU-tested candidate for the exact mode (Triton interpreter). Step 3 compacts the unproven rows
-with ``torch.nonzero``, a device sync, so this path cannot run inside a captured CUDA graph, and its GPU speed
+Status: a CPU-tested candidate for the exact mode (Triton interpreter). Steps 3 and 4 compact rows with
+``torch.nonzero``, a device sync, so this path cannot run inside a captured CUDA graph, and its GPU speed
 is unmeasured; ``bench/nn_search.py`` reports it with the fraction of rows re-scored.
 """
 
@@ -63,24 +67,40 @@ COS_NORM_LIMIT = 2.0**126
 def _prune(configs, named_args, **kwargs):
     """As the search kernel's pruning, for 2-byte operands: D chunks no wider than needed, tiles within shared
     memory, and for a D that needs several chunks only the configs that spill least."""
-    D = {**named_args, **kwargs}["D"]
+    args = {**named_args, **kwargs}
+    D = args["D"]
     widest = max(16, triton.next_power_of_2(D))
+    parts = 2 if args.get("SPLIT", False) else 1  # hi and lo tiles
     kept = [c for c in configs
             if c.kwargs["BLOCK_D"] <= widest
-            and max(c.num_stages, 1) * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_D"] * 2
+            and max(c.num_stages, 1) * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_D"] * 2 * parts
             <= _SMEM_BUDGET
             and (D <= c.kwargs["BLOCK_D"] or _interpret() or _config_key(c) in _LOOPED_D_CONFIGS)]
     kept = kept or configs[:1]
     return kept if env_flag("LGVQ_FAST_TRITON_AUTOTUNE", default=True) else kept[:1]
 
 
-@triton.autotune(configs=_configs(), key=["K", "D"], prune_configs_by={"early_config_prune": _prune})
+_TWO_M12 = tl.constexpr(2.0**-12)
+
+
+@triton.jit
+def _prod(a, b, acc, EMULATE: tl.constexpr):
+    """``acc + a b`` for fp16 tiles with fp32 accumulation (in the interpreter as fp32 values: the same exact
+    products)."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=_configs(), key=["K", "D", "SPLIT"], prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"ONE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit
 def _certify_kernel(
-    z_ptr, e_ptr, a_ptr, p_ptr, q_ptr, r_ptr, f_ptr, m_ptr, rho_ptr, idx_ptr, proven_ptr,
+    z_ptr, zl_ptr, e_ptr, el_ptr, a_ptr, p_ptr, q_ptr, r_ptr, l_ptr, f_ptr, m_ptr, rho_ptr, lam_ptr, idx_ptr,
+    proven_ptr,
     N, K, D,
     SAFETY_C: tl.constexpr,
+    SPLIT: tl.constexpr,
     EMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -88,21 +108,25 @@ def _certify_kernel(
     ONE_D_TILE: tl.constexpr,
 ):
     """z [N, D] and e [K, D]: contiguous fp16 (scaled). Score of code k: ``a_k - acc * f_row`` with ``acc`` the
-    fp32-accumulated product of the fp16 operands. Writes the lowest-index minimum and whether it is proven."""
+    fp32-accumulated product of the fp16 operands; with ``SPLIT`` the operands are ``hi + lo 2^-12`` (``zl``,
+    ``el`` the lo parts) and ``acc = hi.hi + 2^-12 (hi.lo + lo.hi)``, three products. Writes the lowest-index
+    minimum and whether it is proven."""
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_kb = tl.arange(0, BLOCK_K)
     z_rows = z_ptr + offs_n[:, None] * D
+    zl_rows = zl_ptr + offs_n[:, None] * D
     f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0)
     m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
     rho = tl.load(rho_ptr + offs_n, mask=mask_n, other=0.0)
+    lam = tl.load(lam_ptr + offs_n, mask=mask_n, other=0.0)
     if ONE_D_TILE:
         mask_d = offs_d < D
         z_tile = tl.load(z_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if EMULATE:
-            z_tile = z_tile.to(tl.float32)
+        if SPLIT:
+            zl_tile = tl.load(zl_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_b = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -112,33 +136,44 @@ def _certify_kernel(
         offs_k = k0 + offs_kb
         mask_k = offs_k < K
         e_cols = e_ptr + offs_k.to(tl.int64)[None, :] * D
+        el_cols = el_ptr + offs_k.to(tl.int64)[None, :] * D
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        mid = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if ONE_D_TILE:
             et = tl.load(e_cols + offs_d[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
-            if EMULATE:
-                acc = tl.dot(z_tile, et.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(z_tile, et, acc)
+            acc = _prod(z_tile, et, acc, EMULATE)
+            if SPLIT:
+                elt = tl.load(el_cols + offs_d[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+                mid = _prod(z_tile, elt, mid, EMULATE)
+                mid = _prod(zl_tile, et, mid, EMULATE)
         else:
             for d0 in range(0, D, BLOCK_D):
                 mask_d = (d0 + offs_d) < D
                 zt = tl.load(z_rows + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
                 et = tl.load(e_cols + (d0 + offs_d)[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
-                if EMULATE:
-                    acc = tl.dot(zt.to(tl.float32), et.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(zt, et, acc)
+                acc = _prod(zt, et, acc, EMULATE)
+                if SPLIT:
+                    zlt = tl.load(zl_rows + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                                  other=0.0)
+                    elt = tl.load(el_cols + (d0 + offs_d)[:, None], mask=mask_d[:, None] & mask_k[None, :],
+                                  other=0.0)
+                    mid = _prod(zt, elt, mid, EMULATE)
+                    mid = _prod(zlt, et, mid, EMULATE)
+        if SPLIT:
+            acc = acc + mid * _TWO_M12
         # a = ||e||^2 (l2) or 0 (cos); +inf for an excluded code and past K, so those score +inf.
         a = tl.load(a_ptr + offs_k, mask=mask_k, other=float("inf"))
         score = a[None, :] - acc * f[:, None]
         score = tl.where(score > float("-inf"), score, float("inf"))
         tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         second = tl.min(tl.where(offs_kb[None, :] == tile_arg[:, None], float("inf"), score), axis=1)
-        # The tile's error bound per row: every code of the tile has B_k <= m P_t + rho Q_t + R_t.
+        # The tile's error bound per row: every code of the tile has B_k <= m P_t + rho Q_t + lam L_t + R_t
+        # (lam, L: the split level's dropped lo.lo term; 0 in the fp16 pass).
         p_t = tl.max(tl.load(p_ptr + offs_k, mask=mask_k, other=0.0), axis=0)
         q_t = tl.max(tl.load(q_ptr + offs_k, mask=mask_k, other=0.0), axis=0)
         r_t = tl.max(tl.load(r_ptr + offs_k, mask=mask_k, other=0.0), axis=0)
-        b_t = (m * p_t + rho * q_t + r_t) * SAFETY_C
+        l_t = tl.max(tl.load(l_ptr + offs_k, mask=mask_k, other=0.0), axis=0)
+        b_t = (m * p_t + rho * q_t + lam * l_t + r_t) * SAFETY_C
         better = tile_min < best
         # Whichever of (running best, tile best) loses joins the other codes' lower bound; an excluded score
         # (+inf) stays +inf (never inf - inf).
@@ -167,27 +202,43 @@ def _scale_exponent(amax):
     return (_TOP_EXPONENT - ex).clamp(-_MAX_SHIFT, _MAX_SHIFT)
 
 
-def _to_scaled_half(x64, s):
-    """``fp16(x * 2^s)`` and the exact residual norm ``||x - fp16(x * 2^s) * 2^-s||`` (float64)."""
-    h = torch.ldexp(x64, s).to(torch.float16)
-    resid = x64 - torch.ldexp(h.to(torch.float64), -s)
-    return h, resid.norm(dim=1)
+def _to_scaled_half(x64, s, split=False):
+    """``(hi, lo, rho, lam)``: ``hi = fp16(x 2^s)``; with ``split`` also ``lo = fp16((x 2^s - hi) 2^12)`` (the
+    remainder, at most half an ulp of ``hi < 2^15``, so ``|lo| <= 2^15``), else ``lo = None``. ``rho`` is the
+    exact residual norm ``||x - (hi + lo 2^-12) 2^-s||`` and ``lam = ||lo|| 2^-12 2^-s`` (0 without split), both
+    float64."""
+    xs = torch.ldexp(x64, s)
+    hi = xs.to(torch.float16)
+    approx = hi.to(torch.float64)
+    lo, lam = None, torch.zeros(x64.shape[:-1], dtype=torch.float64, device=x64.device)
+    if split:
+        lo = torch.ldexp(xs - approx, torch.full_like(s, 12)).to(torch.float16)
+        lo64 = torch.ldexp(lo.to(torch.float64), torch.full_like(s, -12))
+        approx = approx + lo64
+        lam = torch.ldexp(lo64, -s).norm(dim=-1)
+    resid = x64 - torch.ldexp(approx, -s)
+    return hi, lo, resid.norm(dim=-1), lam
 
 
-def _bound_terms(n, rho_e, D, c):
-    """Per code: ``P, Q, R`` (float64) with ``B_k <= ||z|| P + rho_z Q + R`` (NOTES.md)."""
-    gamma = D * ACC_UNIT / (1.0 - D * ACC_UNIT)
-    g = c * (gamma + 4.0 * U32 * (1.0 + gamma))
+def _bound_terms(n, rho_e, lam_e, D, c, split):
+    """Per code: ``P, Q, R, L`` (float64) with ``B_k <= ||z|| P + rho_z Q + lam_z L + R`` (NOTES.md); ``L = c lam_e``
+    covers the split level's dropped lo.lo product (0 without split)."""
+    terms = 2 * D if split else D
+    gamma = terms * ACC_UNIT / (1.0 - terms * ACC_UNIT)
+    if split:  # the hi.hi and the 2^-12-scaled mixed products' magnitudes, and one more rounding
+        gamma *= 1.0 + 2.0**-9
+    rounds = 5.0 if split else 4.0
+    g = c * (gamma + rounds * U32 * (1.0 + gamma))
     t = n + rho_e
     P = c * rho_e + g * t
     Q = c * n + 3.0 * c * rho_e + g * t
-    R = 4.0 * U32 * (1.0 + U32) * n * n + _ABS_FLOOR
-    return P, Q, R
+    R = rounds * U32 * (1.0 + U32) * n * n + _ABS_FLOOR
+    return P, Q, R, c * lam_e
 
 
-def _prepare_codes(codebook, metric):
-    """fp16 scaled codes and the per-code terms; also the float64 codebook the re-scoring uses (codes the
-    fp32 rule excludes set to NaN, so the float64 reference excludes them too)."""
+def _prepare_codes(codebook, metric, split=False):
+    """fp16 scaled codes (hi, and lo with ``split``) and the per-code terms; also the float64 codebook the
+    re-scoring uses (codes the fp32 rule excludes set to NaN, so the float64 reference excludes them too)."""
     D = codebook.shape[1]
     c = 1.0 if metric == "cos" else 2.0
     e64 = codebook.to(torch.float64)
@@ -204,16 +255,17 @@ def _prepare_codes(codebook, metric):
     src = torch.where(valid[:, None], src, 0.0)
     amax = src.abs().amax() if src.numel() else src.new_zeros(())
     s_e = _scale_exponent(amax)
-    e16, rho_e = _to_scaled_half(src, s_e)
+    e16, el16, rho_e, lam_e = _to_scaled_half(src, s_e, split)
     n = src.norm(dim=1)
-    P, Q, R = _bound_terms(n, rho_e, D, c)
+    P, Q, R, L = _bound_terms(n, rho_e, lam_e, D, c, split)
     zero = torch.zeros_like(n)
-    P, Q, R = (torch.where(valid, v, zero) for v in (P, Q, R))
+    P, Q, R, L = (torch.where(valid, v, zero) for v in (P, Q, R, L))
     a32 = torch.where(valid, a.to(torch.float32), float("inf"))
     n_max = torch.where(valid, n, zero).amax() if n.numel() else zero.sum()
     e64_rule = torch.where(valid[:, None], e64, float("nan"))
-    return dict(e16=e16.contiguous(), a=a32.contiguous(), P=_round_up_f32(P), Q=_round_up_f32(Q),
-                R=_round_up_f32(R), s_e=s_e, n_max=n_max, codes_ok=amax < _HUGE, e64=e64_rule, c=c)
+    return dict(e16=e16.contiguous(), el16=el16.contiguous() if split else e16, split=split,
+                a=a32.contiguous(), P=_round_up_f32(P), Q=_round_up_f32(Q),
+                R=_round_up_f32(R), L=_round_up_f32(L), s_e=s_e, n_max=n_max, codes_ok=amax < _HUGE, e64=e64_rule, c=c)
 
 
 def _prepare_rows(z, metric, codes):
@@ -230,15 +282,16 @@ def _prepare_rows(z, metric, codes):
         norm = torch.where(bad, 0.0, norm)
     amax = zf.abs().amax(dim=1)
     s_z = _scale_exponent(amax)
-    z16, rho = _to_scaled_half(zf, s_z[:, None])
+    z16, zl16, rho, lam = _to_scaled_half(zf, s_z[:, None], codes["split"])
     f = torch.ldexp(torch.full_like(norm, codes["c"]), -(s_z + codes["s_e"])).to(torch.float32)
-    m32, rho32 = _round_up_f32(norm), _round_up_f32(rho)
+    m32, rho32, lam32 = _round_up_f32(norm), _round_up_f32(rho), _round_up_f32(lam)
     force = (amax >= _HUGE) | ~codes["codes_ok"] | (norm * codes["n_max"] >= _PRODUCT_LIMIT)
-    force |= ~torch.isfinite(m32) | ~torch.isfinite(rho32)
+    force |= ~torch.isfinite(m32) | ~torch.isfinite(rho32) | ~torch.isfinite(lam32)
     force &= ~bad
     zero = torch.zeros_like(m32)
-    m32, rho32 = torch.where(force, zero, m32), torch.where(force, zero, rho32)
-    return dict(z16=z16.contiguous(), f=f.contiguous(), m=m32.contiguous(), rho=rho32.contiguous(), bad=bad,
+    m32, rho32, lam32 = (torch.where(force, zero, v) for v in (m32, rho32, lam32))
+    return dict(z16=z16.contiguous(), zl16=zl16.contiguous() if codes["split"] else z16,
+                f=f.contiguous(), m=m32.contiguous(), rho=rho32.contiguous(), lam=lam32.contiguous(), bad=bad,
                 force=force, z64=z64)
 
 
@@ -259,12 +312,15 @@ def _final_distances(z64, e64, idx, metric, chunk=1 << 22):
     return out
 
 
-def certify_pass(z, codebook, metric, indices, config=None):
-    """Steps 1 and 2: prepares the operands and runs ``_certify_kernel``, writing pass 1's argmin into
-    ``indices``; returns ``(codes, rows, proven int8 [N])`` (the prepared terms and the kernel's flags)."""
+def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False):
+    """Steps 1 and 2 (``split``: the second level's three-product pass): prepares the operands (the codebook's
+    unless ``codes`` gives them, prepared with the same ``split``) and runs ``_certify_kernel``, writing its
+    argmin into ``indices``; returns ``(codes, rows, proven int8 [N])``."""
     N, D = z.shape
     K = codebook.shape[0]
-    codes = _prepare_codes(codebook, metric)
+    if codes is None:
+        codes = _prepare_codes(codebook, metric, split)
+    assert codes["split"] == split
     rows = _prepare_rows(z, metric, codes)
     proven8 = torch.empty((N,), dtype=torch.int8, device=z.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -272,8 +328,9 @@ def certify_pass(z, codebook, metric, indices, config=None):
     if config is not None:
         kernel, extra = _certify_kernel.fn, config.all_kwargs()
     kernel[grid](
-        rows["z16"], codes["e16"], codes["a"], codes["P"], codes["Q"], codes["R"], rows["f"], rows["m"],
-        rows["rho"], indices, proven8, N, K, D, SAFETY_C=SAFETY, EMULATE=_interpret(), **extra,
+        rows["z16"], rows["zl16"], codes["e16"], codes["el16"], codes["a"], codes["P"], codes["Q"], codes["R"],
+        codes["L"], rows["f"], rows["m"], rows["rho"], rows["lam"], indices, proven8, N, K, D,
+        SAFETY_C=SAFETY, SPLIT=split, EMULATE=_interpret(), **extra,
     )
     return codes, rows, proven8
 
@@ -284,8 +341,8 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     ``lgvq_fast.ops.nearest_code``.
 
     ``config`` (a ``triton.Config`` of ``_configs()``) launches that config instead of autotuning (tests).
-    ``stats``, a dict, receives ``rescored`` (a 0-d int64 tensor on the device: rows re-scored in float64) and
-    ``proven`` (bool [N]).
+    ``stats``, a dict, receives ``split_rows`` and ``rescored`` (0-d int64 tensors on the device: rows searched
+    again by the split-fp16 level, rows re-scored in float64) and ``proven`` (bool [N]: proven by either level).
     """
     assert metric in ("l2", "cos")
     assert z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1]
@@ -295,11 +352,21 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     if N == 0:
         if stats is not None:
             stats.update(rescored=torch.zeros((), dtype=torch.int64, device=z.device),
+                         split_rows=torch.zeros((), dtype=torch.int64, device=z.device),
                          proven=torch.zeros((0,), dtype=torch.bool, device=z.device))
         return indices, distances
     codes, rows, proven8 = certify_pass(z, codebook, metric, indices, config)
     bad = rows["bad"]
     proven = (proven8 != 0) & ~rows["force"] & ~bad
+    # Level 2: the unproven rows (not the forced ones, which no pass can certify) searched again with split-fp16
+    # operands, residuals ~2^-11 smaller, under the same certificate.
+    second = torch.nonzero(~proven & ~bad & ~rows["force"]).squeeze(1)
+    if second.numel():
+        idx2 = torch.empty_like(second)
+        _, _, proven2 = certify_pass(z[second], codebook, metric, idx2, config, split=True)
+        ok2 = proven2 != 0
+        indices[second[ok2]] = idx2[ok2]
+        proven[second[ok2]] = True
     redo = torch.nonzero(~proven & ~bad).squeeze(1)
     if redo.numel():
         idx_redo, _ = _ref.nearest_code(rows["z64"][redo], codes["e64"], metric, torch.float64)
@@ -311,5 +378,6 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     no_code = bad | ~torch.isfinite(codes["a"])[indices]
     distances.copy_(torch.where(no_code, float("nan"), dist))
     if stats is not None:
-        stats.update(rescored=redo.new_tensor(redo.numel()), proven=proven)
+        stats.update(rescored=redo.new_tensor(redo.numel()), split_rows=second.new_tensor(second.numel()),
+                     proven=proven)
     return indices, distances

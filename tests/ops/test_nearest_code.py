@@ -818,8 +818,8 @@ def test_certified_adversarial_inputs(metric, case):
     rescored = int(stats["rescored"])
     assert rescored == int((~stats["proven"]).sum())
     if case == "duplicates":
-        # every row's nearest code has an exact twin: nothing can be proven, float64 picks the lower index
-        assert rescored == z.shape[0]
+        # every row's nearest code has an exact twin: neither level can prove it, float64 picks the lower index
+        assert rescored == z.shape[0] == int(stats["split_rows"])
         assert torch.equal(_first_occurrence(codebook)[indices], indices)
     if case == "on_codes":
         # distances of 1e-3 next to norms of 100 are far apart from the runner-up's: all proven
@@ -830,54 +830,102 @@ def test_certified_adversarial_inputs(metric, case):
 @pytest.mark.parametrize("metric", METRICS)
 def test_certified_proves_most_gaussian_rows(metric):
     """The certificate is not vacuous: on Gaussian inputs most rows are proven in the fp16 pass (measured 1-3 %
-    re-scored at these shapes), and the stats count exactly the rows not proven."""
+    left at these shapes) and the split level proves nearly all the rest, leaving float64 almost nothing."""
     z, codebook = torch.randn(400, 64), torch.randn(500, 64)
     stats = {}
     indices, distances = _certified(z, codebook, metric, stats)
     _check_certified(z, codebook, indices, distances, metric)
-    assert int(stats["rescored"]) <= 0.15 * z.shape[0], f"{int(stats['rescored'])} of 400 rows re-scored"
+    split_rows, rescored = int(stats["split_rows"]), int(stats["rescored"])
+    assert split_rows <= 0.15 * z.shape[0], f"{split_rows} of 400 rows left unproven by the fp16 pass"
+    assert rescored <= split_rows
 
 
-def _bound_check(z, codebook, metric, sequential):
-    """Pass 1 emulated in PyTorch from the launcher's own prepared operands: every computed score lies within
-    its code's bound ``||z|| P_k + rho_z Q_k + R_k`` of the real score (float64 of the fp32 inputs). The
-    fp32 accumulation is a BLAS product, or with ``sequential`` a left-to-right sum over D (the order with
-    the largest error bound). Returns the largest error / bound ratio."""
+@needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_split_level_proves_what_fp16_cannot(metric):
+    """Rows set between two codes with a score gap of 0.3x the fp16 pass's two bounds -- too close for it,
+    several times the split level's bounds: every row goes to the split level and none to float64."""
     from lgvq_fast.kernels import nearest_code_certified as cert
 
-    codes = cert._prepare_codes(codebook, metric)
+    K, D, N = 20, 40, 60
+    codebook = torch.randn(K, D)
+    if metric == "cos":
+        codebook = codebook / codebook.norm(dim=1, keepdim=True)
+    a, b = torch.randint(0, K, (N,)), torch.randint(0, K - 1, (N,))
+    b = b + (b >= a).long()  # b != a
+    d = codebook[a].double() - codebook[b].double()
+    mid = 0.5 * (codebook[a].double() + codebook[b].double())
+
+    def bound(split):
+        codes = cert._prepare_codes(codebook, metric, split)
+        rows = cert._prepare_rows(mid.float(), metric, codes)
+        return (rows["m"] * codes["P"].max() + rows["rho"] * codes["Q"].max() + rows["lam"] * codes["L"].max()
+                + codes["R"].max()).double()
+
+    b1, b2 = bound(False), bound(True)
+    assert (0.3 * 2 * b1 > 4 * 2 * b2).all(), "the two levels' bounds are too close for this test"
+    # l2: S_b - S_a = 2 t ||d||;  cos (unit codes): -z.e_b + z.e_a = t ||d||
+    gap = 0.3 * 2 * b1
+    t = gap / ((2.0 if metric == "l2" else 1.0) * d.norm(dim=1))
+    z = (mid + t[:, None] * d / d.norm(dim=1, keepdim=True)).float()
+    stats = {}
+    indices, distances = _certified(z, codebook, metric, stats)
+    assert int(stats["split_rows"]) == N and int(stats["rescored"]) == 0, \
+        (int(stats["split_rows"]), int(stats["rescored"]))
+    assert torch.equal(indices, a)
+    _check_certified(z, codebook, indices, distances, metric)
+
+
+def _bound_check(z, codebook, metric, sequential, split=False):
+    """A pass emulated in PyTorch from the launcher's own prepared operands (``split``: the second level's
+    ``hi.hi + 2^-12 (hi.lo + lo.hi)``): every computed score lies within its code's bound
+    ``||z|| P_k + rho_z Q_k + lam_z L_k + R_k`` of the real score (float64 of the fp32 inputs). The fp32
+    accumulation is a BLAS product, or with ``sequential`` a left-to-right sum over D (the order with the largest
+    error bound).
+    Returns the largest error / bound ratio."""
+    from lgvq_fast.kernels import nearest_code_certified as cert
+
+    codes = cert._prepare_codes(codebook, metric, split)
     rows = cert._prepare_rows(z, metric, codes)
     keep = ~rows["force"] & ~rows["bad"]
-    z16, e16 = rows["z16"].float(), codes["e16"].float()
-    if sequential:
-        acc = torch.zeros(z.shape[0], codebook.shape[0])
-        for j in range(z.shape[1]):
-            acc = acc + z16[:, j:j + 1] * e16[:, j][None, :]
-    else:
-        acc = z16 @ e16.T
+
+    def prod(a, b):
+        a, b = a.float(), b.float()
+        if not sequential:
+            return a @ b.T
+        acc = torch.zeros(a.shape[0], b.shape[0])
+        for j in range(a.shape[1]):
+            acc = acc + a[:, j:j + 1] * b[:, j][None, :]
+        return acc
+
+    acc = prod(rows["z16"], codes["e16"])
+    if split:
+        acc = acc + (prod(rows["z16"], codes["el16"]) + prod(rows["zl16"], codes["e16"])) * 2.0**-12
     computed = codes["a"][None, :] - acc * rows["f"][:, None]
     scores, _ = _scores64(z, codebook, metric)
     if metric == "cos":  # the kernel's cos score is -z.e_hat, not -cos: scale the truth by max(||z||, eps)
         scores = scores * z.double().norm(dim=1, keepdim=True).clamp_min(ref.COS_EPS)
     bound = (rows["m"][:, None] * codes["P"][None, :] + rows["rho"][:, None] * codes["Q"][None, :]
-             + codes["R"][None, :]).double()
+             + rows["lam"][:, None] * codes["L"][None, :] + codes["R"][None, :]).double()
     err = (computed.double() - scores).abs()
     valid = keep[:, None] & torch.isfinite(codes["a"])[None, :]
     assert (err[valid] <= bound[valid]).all(), f"score error {float((err / bound)[valid].max()):.3g} x its bound"
     return float((err / bound)[valid].max())
 
 
+@pytest.mark.parametrize("level", ["fp16", "split"])
 @pytest.mark.parametrize("sequential", [False, True], ids=["blas", "sequential"])
 @pytest.mark.parametrize("case", ["gaussian"] + ADVERSARIAL)
 @pytest.mark.parametrize("metric", METRICS)
-def test_certified_error_bound_holds(metric, case, sequential):
-    """The derivation in lgvq_fast/ops/NOTES.md, checked score by score: the bound is never exceeded, and it is
-    not loose by orders of magnitude on plain inputs (the largest error reaches a fraction of it)."""
+def test_certified_error_bound_holds(metric, case, sequential, level):
+    """The derivation in lgvq_fast/ops/NOTES.md, checked score by score for both levels: the bound is never
+    exceeded, and it is not loose by orders of magnitude on plain inputs (the largest error reaches a fraction
+    of it)."""
     if case == "gaussian":
         z, codebook = torch.randn(200, 256), torch.randn(300, 256)
     else:
         z, codebook = _adversarial(case, metric, N=120, K=200, D=40)
-    ratio = _bound_check(z, codebook, metric, sequential)
+    ratio = _bound_check(z, codebook, metric, sequential, split=level == "split")
     if case == "gaussian":
         assert ratio > 1e-3, f"bound {1 / ratio:.0f}x the largest error: looser than the derivation says"
 
