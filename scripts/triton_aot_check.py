@@ -172,7 +172,8 @@ def launch_everything(quick):
         nearest_code.nearest_code_fwd(z.bfloat16(), cb, "l2", "fast")
         nearest_code.nearest_code_fwd(z.half(), cb.half(), "l2", "exact")
         for metric in ("l2", "cos"):  # the kernel only: the float64 steps after it read what it would write
-            nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64))
+            for split in (False, True):
+                nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=split)
     for K, D in [(1024, 256), (512, 8)] + ([] if quick else [(16384, 256), (1000, 77)]):
         N = 2048
         z = torch.randn(N, D, generator=g)
