@@ -11,6 +11,16 @@ import torch.nn.functional as F
 
 
 NORM_IMPLS = ("auto", "native", "triton")
+# "auto" fuses GroupNorm + swish only for channels_last maps of at least this many positions (GroupNorm's docstring
+# has the measurements behind it).
+FUSED_MIN_HW = 256 * 256
+
+
+def fused_by_default(x: torch.Tensor) -> bool:
+    """Whether ``impl="auto"`` takes the fused op for a CUDA ``x [N, C, H, W]``: channels_last and H * W >=
+    ``FUSED_MIN_HW``."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return channels_last and x.shape[2] * x.shape[3] >= FUSED_MIN_HW
 
 
 class GroupNorm(nn.GroupNorm):
@@ -20,9 +30,13 @@ class GroupNorm(nn.GroupNorm):
 
     * fused: ``lgvq_fast.ops.group_norm`` with ``impl="triton"`` (statistics in fp32, output in x's dtype and
       memory format, SiLU in the same pass, fp32 weights read directly). Taken on CUDA when ``impl`` is
-      ``"triton"``, or when it is ``"auto"`` and x is channels_last (PyTorch's CUDA GroupNorm has no NHWC
-      kernel and would convert the tensor both ways). Never while torch.compile traces: inductor generates
-      its own fused norm.
+      ``"triton"``, or when it is ``"auto"``, x is channels_last (PyTorch's CUDA GroupNorm has no NHWC kernel
+      and converts the tensor both ways) and the map has at least ``FUSED_MIN_HW`` positions. The crossover,
+      measured on an H200 (``bench/results/group_norm/nvidia_h200.json``, forward + backward, bf16,
+      channels_last, against PyTorch with its conversions): the fused op is 2.81x faster at 8x128x256x256 but
+      0.35x at 8x256x64x64 and 0.23x at 8x512x16x16, so "auto" fuses from 256 x 256 positions on and uses
+      PyTorch below (128 x 128, between the two, is not measured yet). In NCHW it is never taken under "auto"
+      (0.91x at 256 x 256). Never while torch.compile traces: inductor generates its own fused norm.
     * native: autocast runs ``group_norm`` in fp32 and returns fp32, so every normalised activation would be
       written, read by swish and read again by the next convolution at twice the bf16 size. Under autocast
       this normalises the low-precision tensor directly (PyTorch accumulates its statistics in fp32) and
@@ -41,8 +55,7 @@ class GroupNorm(nn.GroupNorm):
             return False
         if not (triton_available() and triton_supports(self.num_channels, self.num_groups)):
             return False
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return self.impl == "triton" or channels_last
+        return self.impl == "triton" or fused_by_default(x)
 
     def forward(self, x, act=False):
         device_type = x.device.type
