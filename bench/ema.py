@@ -6,11 +6,13 @@ Rows (random normal z, uniform random indices -- with ``--skew``, half the rows 
 - triton deterministic / triton atomic: the public op (sorted segments, or float atomics);
 - triton deterministic scan: the kernels' scan path (fixed chunks of sorted rows, a segmented scan and a
   fix-up for codes spanning chunks), a candidate for the deterministic default;
+- flash-kmeans sorted sums + EMA: its sort-inverse centroid sums, then the EMA in PyTorch (when installed).
 - cuda: the public op with ``impl="cuda"`` when ``lgvq_fast._C`` is built.
 The public-op rows pass ``check_indices=False`` (the range check is a device sync; the indices
 here come from ``randint`` and are in range).
 
-Columns: median ms (do_bench on GPU), GB/s (z + indices read, buffers read and written once),
+Columns: median ms (do_bench on GPU), GB/s (z + indices read, buffers read and written once) and its share
+of the copy bandwidth measured in the same run (``copy_GBps`` in the JSON),
 max abs error of ``embed`` against a float64 update, and speed-up over the one-hot reference. A row
 whose error exceeds the tolerance (4x the index_add reference's own fp32 error, at least 16 fp32
 ulps of the largest value) gets no speed-up. On a CPU-only machine only the reference rows run.
@@ -31,6 +33,42 @@ CPU_SHAPE = (16384, 1024, 64)
 DECAY, EPS = 0.99, 1e-5
 
 
+def copy_gbps(device, nbytes=1 << 30, repeats=5):
+    """The card's copy bandwidth measured here: the best of ``repeats`` timed copies of ``nbytes`` (GB/s, read +
+    write), the ceiling of each row's "% of copy"; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = min(time_ms(lambda: dst.copy_(src), device)[0] for _ in range(repeats))
+    return 2.0 * nbytes / (best * 1e-3) / 1e9
+
+
+def _flash_kmeans_update(device):
+    """flash-kmeans' sort-inverse centroid sums (``triton_centroid_update_sorted_euclid`` with
+    ``calculate_new=False``: sort, then sums and counts by chunks of sorted rows) followed by the EMA's decay,
+    smoothing and normalisation in PyTorch; None when flash-kmeans is not installed or off CUDA."""
+    if device.type != "cuda":
+        return None
+    try:
+        from flash_kmeans.centroid_update_triton import triton_centroid_update_sorted_euclid
+    except Exception:
+        return None
+
+    def run(cluster_size, embed_avg, embed, z, indices, decay, eps):
+        K, D = embed_avg.shape
+        sums = torch.zeros((1, K, D), device=z.device, dtype=torch.float32)
+        counts = torch.zeros((1, K), device=z.device, dtype=torch.int32)
+        triton_centroid_update_sorted_euclid(z[None], indices[None], embed_avg[None], centroid_sums=sums,
+                                             centroid_cnts=counts, calculate_new=False)
+        cluster_size.mul_(decay).add_(counts[0].to(torch.float32), alpha=1.0 - decay)
+        embed_avg.mul_(decay).add_(sums[0], alpha=1.0 - decay)
+        n = cluster_size.sum()
+        embed.copy_(embed_avg / ((cluster_size + eps) / (n + K * eps) * n)[:, None])
+
+    return run
+
+
 def _impls(device):
     rows = [("reference one-hot", ref.ema_update_onehot_), ("reference index_add", ref.ema_update_)]
     skipped = []
@@ -47,6 +85,9 @@ def _impls(device):
                      lambda *a: ema_update_fwd(*a, deterministic=True, method="scan")))
     else:
         skipped.append(("triton", "needs a CUDA GPU (and triton)"))
+    fk = _flash_kmeans_update(device)
+    if fk is not None:
+        rows.append(("flash-kmeans sorted sums + EMA", fk))
     if device.type == "cuda" and _backend.cuda_ext_available():
         rows.append(("cuda", lambda *a: ema_update_(*a, check_indices=False, impl="cuda")))
     else:
@@ -75,6 +116,9 @@ def main():
     scale = float(want[2].abs().max())
 
     impls, skipped = _impls(device)
+    copy = copy_gbps(device)
+    if copy is not None:
+        print(f"copy bandwidth measured here: {copy:.0f} GB/s (best of 5 1 GiB copies)")
     moved = N * D * z.element_size() + N * indices.element_size() + K * D * 4 * 3 + K * 4 * 2
     rows, errors = [], {}
     for name, fn in impls:
@@ -85,6 +129,8 @@ def main():
         ms, _, _ = time_ms(lambda: fn(*work, z, indices, DECAY, EPS), device)
         gbps = float(f"{moved / ms / 1e6:.3g}")
         rows.append({"impl": name, "ms": round(ms, 4), "GB/s": gbps, "max_abs_err": f"{errors[name]:.2e}"})
+        if copy is not None:
+            rows[-1]["pct_of_copy"] = round(100.0 * gbps / copy, 1)
     tol = max(4 * errors["reference index_add"], 16 * torch.finfo(torch.float32).eps * scale)
     base = rows[0]["ms"]
     for row in rows:
@@ -94,12 +140,13 @@ def main():
         rows.append({"impl": name, "ms": "skipped", "speedup_vs_onehot": why})
     skew = " skewed" if args.skew else ""
     print(f"ema_update_  N={N} K={K} D={D}{skew}  on {device_name(device)}  (tolerance {tol:.2e})")
-    print_table(rows, [("impl", "impl"), ("ms", "ms"), ("GB/s", "GB/s"), ("max_abs_err", "max |err| vs fp64"),
+    print_table(rows, [("impl", "impl"), ("ms", "ms"), ("GB/s", "GB/s"), ("pct_of_copy", "% of copy"),
+                       ("max_abs_err", "max |err| vs fp64"),
                        ("speedup_vs_onehot", "speed-up vs one-hot")])
     if interpreted_run(device):
         return
-    path = write_results("ema", device, rows, extra={"shape": {"N": N, "K": K, "D": D}, "tolerance": tol,
-                                                      "skew": args.skew}, tag="skew" if args.skew else None)
+    extra = {"shape": {"N": N, "K": K, "D": D}, "tolerance": tol, "skew": args.skew, "copy_GBps": copy}
+    path = write_results("ema", device, rows, extra=extra, tag="skew" if args.skew else None)
     print(f"wrote {path}")
 
 

@@ -11,9 +11,11 @@ Rows per shape (N rows of z, K codes, D dims; random normal inputs):
   triton exact certified: one fp16 pass that proves most rows, a split-fp16 pass over the rest, float64 for
   what is left (``kernels/nearest_code_certified.py``); ``split_pct`` and ``rescored_pct`` are the shares of
   rows searched by the second level and re-scored in float64.
+- flash-kmeans (fp16 inputs): its FlashAssign kernels, when installed (a GPU only).
 - vector-quantize-pytorch: ``VectorQuantize`` forward in eval mode, when installed.
 
-Columns: median ms (do_bench on GPU), TFLOP/s (2 N K D / time), extra memory
+Columns: median ms (do_bench on GPU), TFLOP/s (2 N K D / time) and its share of the bf16 peak measured in
+the same run (``peak_bf16_tflops`` in the JSON: the best of five 8192^3 bf16 products), extra memory
 (peak beyond inputs), mismatch rate against a float64 search on the first
 ``--truth-rows`` rows (tie-aware: a different index whose float64 distance is
 within fp32 rounding of the best counts as agreeing), and speed-up over
@@ -84,6 +86,41 @@ class TF32:
         torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
+def flash_kmeans_search(z, codebook, metric):
+    """flash-kmeans' fused assignment (FlashAssign: ``euclid_assign_triton`` / ``cosine_assign_triton``) on fp16
+    copies of the inputs made beforehand (its kernels take fp16 or fp32; the copies and, for l2, ||z||^2 are not
+    timed, which favours it); for cos the codebook is normalised inside the timed call, as the op does. Returns
+    a function giving ``(indices int64, None)``, or None when flash-kmeans is not installed or z is not on CUDA."""
+    if z.device.type != "cuda":
+        return None
+    try:
+        from flash_kmeans.assign_euclid_triton import cosine_assign_triton, euclid_assign_triton
+    except Exception:
+        return None
+    zh, eh = z.half()[None], codebook.half()[None]
+    if metric == "cos":
+        def run():
+            e = torch.nn.functional.normalize(eh.float(), dim=-1).half()
+            return cosine_assign_triton(zh, e)[0].long(), None
+        return run
+    z_sq = z.float().pow(2).sum(dim=1)[None]
+
+    def run():
+        return euclid_assign_triton(zh, eh, z_sq)[0].long(), None
+    return run
+
+
+def peak_bf16_tflops(device, n=8192, repeats=5):
+    """The card's bf16 matrix-product rate measured here: the best of ``repeats`` timed ``n^3`` products
+    (TFLOP/s), the ceiling each row's "% of peak" refers to; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = min(time_ms(lambda: torch.matmul(a, b), device)[0] for _ in range(repeats))
+    return 2.0 * n**3 / (best * 1e-3) / 1e12
+
+
 def vqp_search(z, codebook, metric):
     """vector-quantize-pytorch's VectorQuantize forward (eval mode) with our codebook loaded; or None."""
     try:
@@ -140,13 +177,16 @@ def candidates(z, codebook, metric, device):
                 0,
             )
         )
+    fk = flash_kmeans_search(z, codebook, metric)
+    if fk is not None:
+        rows.append(("flash-kmeans (fp16 inputs)", fk, False, 0))
     vqp = vqp_search(z, codebook, metric)
     if vqp is not None:
         rows.append(("vector-quantize-pytorch", vqp, False, 2 * full_bytes))
     return rows
 
 
-def bench_shape(shape, metric, device, truth_rows):
+def bench_shape(shape, metric, device, truth_rows, peak=None):
     N, K, D = shape
     gen = torch.Generator(device="cpu").manual_seed(N * 31 + K * 7 + D)
     z = torch.randn(N, D, generator=gen).to(device)
@@ -182,6 +222,8 @@ def bench_shape(shape, metric, device, truth_rows):
             mismatch_pct=f"{100 * mismatch:.3f}%",
             exact_mode=exact,
         )
+        if peak is not None:
+            row["pct_of_peak"] = round(100.0 * flops / (ms * 1e-3) / 1e12 / peak, 1)
         if name == BASELINE:
             base_ms = ms
         results.append(row)
@@ -213,9 +255,12 @@ def main(argv=None):
     if device.type != "cuda":
         print("CPU run: only the PyTorch reference rows are timed; the Triton and CUDA kernels need a GPU.")
     rows = []
-    extra = {"metric": args.metric, "truth_rows": args.truth_rows}
+    peak = peak_bf16_tflops(device)
+    if peak is not None:
+        print(f"bf16 peak measured here: {peak:.0f} TFLOP/s (best of 5 8192^3 products)")
+    extra = {"metric": args.metric, "truth_rows": args.truth_rows, "peak_bf16_tflops": peak}
     for i, shape in enumerate(shapes):
-        rows.extend(bench_shape(shape, args.metric, device, args.truth_rows))
+        rows.extend(bench_shape(shape, args.metric, device, args.truth_rows, peak))
         path = write_results("nn_search", device, rows, extra={**extra, "complete": i == len(shapes) - 1})
         print(f"{shape}: {len(rows)} rows so far, written to {path}", flush=True)
     columns = [
@@ -223,6 +268,7 @@ def main(argv=None):
         ("impl", "impl"),
         ("ms", "ms"),
         ("tflops", "TFLOP/s"),
+        ("pct_of_peak", "% of bf16 peak"),
         ("extra_mem", "extra mem"),
         ("mismatch_pct", "mismatch vs fp64"),
         ("speedup", f"speed-up vs {BASELINE}"),
