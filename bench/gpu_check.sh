@@ -55,6 +55,11 @@ stage relation_b8 30 python3 bench/relation.py --shape 8x30x256x512
 stage relation_l77 30 python3 bench/relation.py --shape 64x77x256x512
 stage group_norm 60 python3 bench/group_norm.py
 stage lpips 60 python3 bench/lpips.py
+# the quantizer benchmark's other settings (issue 16): bf16 inputs, the paper's codebook, D = 8; last, so that
+# a tight budget drops these first
+stage quantizer_bf16 45 python3 bench/quantizer.py --dtype bf16
+stage quantizer_paper 30 python3 bench/quantizer.py --shape 16384x1024x256
+stage quantizer_d8 30 python3 bench/quantizer.py --shape 65536x16384x8
 
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SMALL_CASE='

@@ -103,13 +103,16 @@ def test_quantizer_bench_checks_every_row_against_float64(monkeypatch):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "n/a (wrong)" not in proc.stdout and "no results written" in proc.stdout, proc.stdout
-    assert "VectorQuantizer" in proc.stdout and "compat" in proc.stdout
+    assert "VectorQuantizer" in proc.stdout and "compat, rotation off" in proc.stdout
+    assert "VectorQuantizer, learnable" in proc.stdout
 
     monkeypatch.syspath_prepend(BENCH)
     qb = importlib.import_module("quantizer")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     D, K = 12, 48
-    name, module, codebook_of = qb._arms(D, K, torch.device("cpu"))[-1]
+    arms = qb._arms(D, K, torch.device("cpu"))
+    assert any(a[0] == "VectorQuantizer, learnable" and a[2] is None for a in arms)
+    name, module, codebook_of = next(a for a in arms if a[0] == "VectorQuantizer")
     x = torch.randn(qb.BATCH, 40, D)
     state = (module.embed.clone(), module.embed_avg.clone(), module.cluster_size.clone())
     assert qb._check(name, module, codebook_of, x, *state) == (0.0, pytest.approx(0.0, abs=qb.CODEBOOK_TOL))
