@@ -3,10 +3,12 @@
 ``nearest_code_certified(z, codebook, metric)`` returns the float64 argmin of every row (ties to the lowest
 index) without computing every score in high precision:
 
-1. **Prepare** (PyTorch, float64 where it matters): ``z`` and the codebook (for cos, the codebook normalised in
-   float64) are rounded to fp16 after scaling by powers of two -- per row of ``z``, one for the codebook -- and
-   the exact size of what the rounding dropped is kept: ``rho = ||x - fp16(x * 2^s) * 2^-s||`` per row and per
-   code, with the norms ``||z||``, ``||e||`` and, for l2, ``||e||^2`` in fp32.
+1. **Prepare**: ``z`` and the codebook (for cos, the codebook normalised in float64) are rounded to fp16
+   after scaling by powers of two -- per row of ``z``, one for the codebook -- and the size of what the rounding
+   dropped is kept (rows: one Triton kernel, ``_prep_rows_kernel``, in scaled units, rounded up; codes: float64
+   PyTorch, exact; ``_prepare_rows`` is the rows' float64 version, which the tests hold the kernel to):
+   ``rho = ||x - fp16(x * 2^s) * 2^-s||`` per row and per code, with the norms ``||z||``, ``||e||`` and, for
+   l2, ``||e||^2`` in fp32.
 2. **Search and certify** (Triton, ``_certify_kernel``): one fp16 x fp16 -> fp32 product pass, as fast mode,
    keeps per row the best low-precision score ``s1`` (lowest index on ties), the bound ``B1`` of its error, and
    ``L = min over every other code of (s_k - B_k)``. The row is *proven* when ``L > s1 + B1``: then every other
@@ -190,6 +192,85 @@ def _certify_kernel(
     tl.store(proven_ptr + offs_n, proven.to(tl.int8), mask=mask_n)
 
 
+@triton.jit
+def _pow2(e):
+    """``2^e`` as an exact fp32 for an int32 ``e`` in [-126, 127], built from its bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _prep_rows_kernel(
+    z_ptr, hi_ptr, lo_ptr, s_ptr, m_ptr, rho_ptr, lam_ptr, flags_ptr,
+    N, D, stride_n, stride_d,
+    IS_COS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step 1 for the rows, fused (``_prepare_rows`` does the same in float64 PyTorch passes). Per row: the scale
+    exponent ``s`` (largest finite magnitude to [2^14, 2^15), clamped to +-60), ``hi = fp16(z 2^s)`` (and with
+    ``SPLIT`` ``lo = fp16((z 2^s - hi) 2^12)``), and upper bounds of ``||z||``, the residual norm and ``||lo||
+    2^-12 2^-s``, all taken in scaled units (no fp32 under- or overflow) and rounded up. ``flags``: bit 0 a row
+    with no finite score (a NaN or inf; cos: norm >= 2^126), bit 1 a row too large for the scaled range."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    base = z_ptr + rows[:, None] * stride_n
+    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_R], dtype=tl.int32)
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    sq_lo = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask = mask_r[:, None] & ((d0 + offs_d) < D)[None, :]
+        x = tl.load(base + (d0 + offs_d)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        finite = tl.abs(x) < float("inf")  # False for NaN too
+        bad = tl.maximum(bad, tl.max((~finite & mask).to(tl.int32), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1))
+        if IS_COS:  # the norm only to compare with 2^126 (two sums: no overflow)
+            sq += tl.sum(x * x, axis=1)
+            x = x * 2.0**-64
+            sq_lo += tl.sum(x * x, axis=1)
+    if IS_COS:
+        norm = tl.where(sq < float("inf"), tl.sqrt(sq), tl.sqrt(sq_lo) * 2.0**64)
+        bad = tl.where(norm >= 2.0**126, 1, bad)
+    expo = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF)
+    s = tl.minimum(tl.maximum(141 - expo, -60), 60)
+    big = amax >= 2.0**75
+    scale = _pow2(s)
+    inv = _pow2(-s)
+    zero_row = (bad != 0)[:, None]
+    ssq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    rsq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    lsq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask = mask_r[:, None] & (cols < D)[None, :]
+        x = tl.load(base + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        xs = tl.where(zero_row, 0.0, x * scale[:, None])
+        hi = xs.to(tl.float16)
+        approx = hi.to(tl.float32)
+        if SPLIT:
+            lo = ((xs - approx) * 4096.0).to(tl.float16)
+            lo32 = lo.to(tl.float32) * (1.0 / 4096.0)
+            approx = approx + lo32
+            lsq += tl.sum(lo32 * lo32, axis=1)
+            tl.store(lo_ptr + rows[:, None] * D + cols[None, :], lo, mask=mask)
+        r = xs - approx
+        rsq += tl.sum(r * r, axis=1)
+        ssq += tl.sum(xs * xs, axis=1)
+        tl.store(hi_ptr + rows[:, None] * D + cols[None, :], hi, mask=mask)
+    # sums of D squares carry at most (D + 2) u of relative error, a root halves it; x * 2^s may lose up to 2^-150
+    # per element where it underflows (s < 0): an absolute sqrt(D) 2^-150 in scaled units
+    up = 1.0 + (D + 4) * 2.0**-24
+    floor = tl.sqrt(D * 1.0) * 2.0**-150
+    m = (tl.sqrt(ssq) * up + floor) * inv
+    rho = (tl.sqrt(rsq) * up + floor) * inv
+    lam = tl.sqrt(lsq) * up * inv
+    tl.store(s_ptr + rows, s, mask=mask_r)
+    tl.store(m_ptr + rows, m, mask=mask_r)
+    tl.store(rho_ptr + rows, rho, mask=mask_r)
+    tl.store(lam_ptr + rows, lam, mask=mask_r)
+    tl.store(flags_ptr + rows, (bad + 2 * big.to(tl.int32)).to(tl.int8), mask=mask_r)
+
+
 def _round_up_f32(x64):
     """float64 -> fp32 rounded towards +inf (for upper bounds)."""
     x32 = x64.to(torch.float32)
@@ -295,15 +376,44 @@ def _prepare_rows(z, metric, codes):
                 force=force, z64=z64)
 
 
-def _final_distances(z64, e64, idx, metric, chunk=1 << 22):
-    """float64 distances of the chosen codes, as fp32 (``||z - e||^2``, or ``1 - cos``), chunked over rows."""
-    N, D = z64.shape
-    out = torch.empty((N,), dtype=torch.float32, device=z64.device)
+def _prepare_rows_fused(z, metric, codes):
+    """``_prepare_rows`` in one Triton kernel (two reads of z) and a few [N] PyTorch operations; the same keys
+    but ``z64`` (the float64 steps convert the rows they need)."""
+    N, D = z.shape
+    split = codes["split"]
+    z16 = torch.empty((N, D), dtype=torch.float16, device=z.device)
+    zl16 = torch.empty((N, D), dtype=torch.float16, device=z.device) if split else z16
+    s_z = torch.empty((N,), dtype=torch.int32, device=z.device)
+    m, rho, lam = (torch.empty((N,), dtype=torch.float32, device=z.device) for _ in range(3))
+    flags = torch.empty((N,), dtype=torch.int8, device=z.device)
+    BLOCK_D = min(128, max(16, triton.next_power_of_2(D)))
+    BLOCK_R = 16
+    _prep_rows_kernel[(triton.cdiv(N, BLOCK_R),)](
+        z, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1),
+        IS_COS=metric == "cos", SPLIT=split, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    bad = (flags & 1) != 0
+    big = (flags & 2) != 0
+    f = torch.ldexp(torch.full((N,), codes["c"], dtype=torch.float32, device=z.device),
+                    -(s_z + codes["s_e"].to(torch.int32)))
+    force = big | ~codes["codes_ok"] | (m.double() * codes["n_max"] >= _PRODUCT_LIMIT)
+    force |= ~torch.isfinite(m) | ~torch.isfinite(rho) | ~torch.isfinite(lam)
+    force &= ~bad
+    zero = torch.zeros_like(m)
+    m, rho, lam = (torch.where(force | bad, zero, v) for v in (m, rho, lam))
+    return dict(z16=z16, zl16=zl16, f=f, m=m, rho=rho, lam=lam, bad=bad, force=force)
+
+
+def _final_distances(z, e64, idx, metric, chunk=1 << 22):
+    """float64 distances of the chosen codes, as fp32 (``||z - e||^2``, or ``1 - cos``), chunked over rows (each
+    chunk of ``z`` converted to float64 on its own)."""
+    N, D = z.shape
+    out = torch.empty((N,), dtype=torch.float32, device=z.device)
     step = max(1, chunk // max(D, 1))
     if metric == "cos":
         e_hat = _ref._normalize(e64)
     for start in range(0, N, step):
-        zc, ic = z64[start:start + step], idx[start:start + step]
+        zc, ic = z[start:start + step].to(torch.float64), idx[start:start + step]
         if metric == "cos":
             d = 1.0 - (_ref._normalize(zc) * e_hat[ic]).sum(dim=1)
         else:
@@ -321,7 +431,7 @@ def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=Fa
     if codes is None:
         codes = _prepare_codes(codebook, metric, split)
     assert codes["split"] == split
-    rows = _prepare_rows(z, metric, codes)
+    rows = _prepare_rows_fused(z, metric, codes)
     proven8 = torch.empty((N,), dtype=torch.int8, device=z.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel, extra = _certify_kernel, {}
@@ -369,10 +479,10 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
         proven[second[ok2]] = True
     redo = torch.nonzero(~proven & ~bad).squeeze(1)
     if redo.numel():
-        idx_redo, _ = _ref.nearest_code(rows["z64"][redo], codes["e64"], metric, torch.float64)
+        idx_redo, _ = _ref.nearest_code(z[redo].to(torch.float64), codes["e64"], metric, torch.float64)
         indices[redo] = idx_redo
     indices.masked_fill_(bad, 0)
-    dist = _final_distances(rows["z64"], codes["e64"].nan_to_num(0.0), indices, metric)
+    dist = _final_distances(z, codes["e64"].nan_to_num(0.0), indices, metric)
     # No finite score: a bad row, or a row whose every code is excluded (the float64 search returned index 0
     # with a NaN distance for it; its chosen code is then an excluded one).
     no_code = bad | ~torch.isfinite(codes["a"])[indices]

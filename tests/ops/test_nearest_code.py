@@ -847,14 +847,21 @@ def test_certified_split_level_proves_what_fp16_cannot(metric):
     several times the split level's bounds: every row goes to the split level and none to float64."""
     from lgvq_fast.kernels import nearest_code_certified as cert
 
-    K, D, N = 20, 40, 60
+    K, D, N = 20, 40, 40
     codebook = torch.randn(K, D)
     if metric == "cos":
         codebook = codebook / codebook.norm(dim=1, keepdim=True)
-    a, b = torch.randint(0, K, (N,)), torch.randint(0, K - 1, (N,))
+    a, b = torch.randint(0, K, (400,)), torch.randint(0, K - 1, (400,))
     b = b + (b >= a).long()  # b != a
-    d = codebook[a].double() - codebook[b].double()
     mid = 0.5 * (codebook[a].double() + codebook[b].double())
+    # keep the pairs whose midpoint has no third code anywhere near: a and b must be its two nearest by far
+    scores, _ = _scores64(mid, codebook, metric)
+    pair = scores.gather(1, a[:, None])[:, 0]
+    third = scores.scatter(1, torch.stack([a, b], dim=1), float("inf")).min(dim=1).values
+    clear = (third - pair) > 0.1 * (pair.abs() + 1)
+    assert int(clear.sum()) >= N, "too few clear pairs"
+    a, b, mid = a[clear][:N], b[clear][:N], mid[clear][:N]
+    d = codebook[a].double() - codebook[b].double()
 
     def bound(split):
         codes = cert._prepare_codes(codebook, metric, split)
@@ -990,3 +997,45 @@ def test_certified_gpu_matches_float64(metric, case):
     stats = {}
     indices, distances = _certified(z.cuda(), codebook.cuda(), metric, stats)
     _check_certified(z, codebook, indices.cpu(), distances.cpu(), metric)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [False, True], ids=["fp16", "split"])
+@pytest.mark.parametrize("case", ["gaussian", "scales", "faults", "bf16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_fused_row_preparation_matches_float64(metric, case, split):
+    """The rows' Triton preparation against its float64 PyTorch version: the same fp16 operands bit for bit, the
+    same row flags, and bounds of ||z||, the residual and ||lo|| that are never below the exact values and at
+    most (D + 4) 2^-24 above them (plus an absolute 2^-150 sqrt(D) in scaled units)."""
+    from lgvq_fast.kernels import nearest_code_certified as cert
+
+    N, K, D = 90, 40, 77
+    z, codebook = torch.randn(N, D), torch.randn(K, D)
+    if case == "scales":  # rows over 60 decades, some of whose elements underflow when scaled down
+        z = z * 10.0 ** (60 * torch.rand(N, 1) - 30)
+        z[:5, :3] *= 1e-25
+    elif case == "faults":
+        _inject_bad_rows(z)
+        z[10] *= 1e30  # beyond the scaled range: forced to float64
+        z[11] *= 3e37  # cos: norm >= 2^126, a bad row
+    elif case == "bf16":
+        z = z.bfloat16()
+    codes = cert._prepare_codes(codebook, metric, split)
+    want = cert._prepare_rows(z, metric, codes)
+    got = cert._prepare_rows_fused(z, metric, codes)
+    assert torch.equal(got["bad"], want["bad"]) and torch.equal(got["force"], want["force"])
+    keep = ~want["bad"] & ~want["force"]
+    assert torch.equal(got["z16"][keep].view(torch.int16), want["z16"][keep].view(torch.int16))
+    if split:
+        assert torch.equal(got["zl16"][keep].view(torch.int16), want["zl16"][keep].view(torch.int16))
+    assert torch.equal(got["f"][keep], want["f"][keep])
+    z64 = z.double()
+    s_z = cert._scale_exponent(z64.abs().amax(dim=1))
+    exact = {"m": z64.norm(dim=1)}
+    _, _, exact["rho"], exact["lam"] = cert._to_scaled_half(z64, s_z[:, None], split)
+    floor = torch.ldexp(torch.full_like(exact["m"], D**0.5 * 2.0**-150), -s_z)
+    for key in ("m", "rho", "lam"):
+        g, e = got[key][keep].double(), exact[key][keep]
+        assert (g >= e).all(), f"{key}: below the exact value"
+        slack = e * (D + 8) * 2.0**-24 + 2 * floor[keep]
+        assert (g <= e + slack).all(), f"{key}: looser than the kernel's rounding allows"
