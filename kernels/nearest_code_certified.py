@@ -21,16 +21,19 @@ index) without computing every score in high precision:
 3. **Second level**: the unproven rows (compacted) are searched again with split-fp16 operands, ``hi + lo
    2^-12`` (three products, ``hi.hi + 2^-12 (hi.lo + lo.hi)``), whose residuals are about 2^-11 of the first
    level's, under the same certificate.
-4. **Re-score** what is still unproven -- true ties and near-ties, duplicated codes, rows too large for the
-   scaled fp16 range -- in float64 over the whole codebook (``lgvq_fast.reference.nearest_code``, chunked;
-   cuBLAS DGEMM on a GPU), with the op's rule for non-finite values applied in fp32 terms.
-5. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32.
+4. **Candidates** for what is still unproven (true ties and near-ties, duplicated codes): a second run of the
+   split pass lists the codes whose lower bound ``s_k - B_k`` does not exceed the best's upper bound (the real
+   argmin is among them; usually two or three), and float64 scores just those, lowest index first.
+5. **Re-score** the rest -- rows with more than ``CAP`` candidates, rows too large for the scaled fp16 range --
+   in float64 over the whole codebook (``lgvq_fast.reference.nearest_code``, chunked; cuBLAS DGEMM on a GPU),
+   with the op's rule for non-finite values applied in fp32 terms.
+6. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32.
 
 The result is the float64 argmin except where float64 itself ties (within its own rounding); it does not
 depend on tile order, config or backend. Extra memory: fp16 copies of ``z`` and the codebook (2 (N + K) D
 bytes), a few fp32 vectors, and the float64 temporaries of steps 1 and 4 (chunked over rows).
 
-Status: a CPU-tested candidate for the exact mode (Triton interpreter). Steps 3 and 4 compact rows with
+Status: a CPU-tested candidate for the exact mode (Triton interpreter). Steps 3 to 5 compact rows with
 ``torch.nonzero``, a device sync, so this path cannot run inside a captured CUDA graph, and its GPU speed
 is unmeasured; ``bench/nn_search.py`` reports it with the fraction of rows re-scored.
 """
@@ -99,10 +102,12 @@ def _prod(a, b, acc, EMULATE: tl.constexpr):
 @triton.jit
 def _certify_kernel(
     z_ptr, zl_ptr, e_ptr, el_ptr, a_ptr, p_ptr, q_ptr, r_ptr, l_ptr, f_ptr, m_ptr, rho_ptr, lam_ptr, idx_ptr,
-    proven_ptr,
+    proven_ptr, upper_ptr, cand_ptr, count_ptr,
     N, K, D,
     SAFETY_C: tl.constexpr,
     SPLIT: tl.constexpr,
+    COLLECT: tl.constexpr,
+    CAP: tl.constexpr,
     EMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,7 +117,10 @@ def _certify_kernel(
     """z [N, D] and e [K, D]: contiguous fp16 (scaled). Score of code k: ``a_k - acc * f_row`` with ``acc`` the
     fp32-accumulated product of the fp16 operands; with ``SPLIT`` the operands are ``hi + lo 2^-12`` (``zl``,
     ``el`` the lo parts) and ``acc = hi.hi + 2^-12 (hi.lo + lo.hi)``, three products. Writes the lowest-index
-    minimum and whether it is proven."""
+    minimum, whether it is proven and its upper bound ``s1 + B1``. With ``COLLECT`` (a second run over the
+    same rows, given that upper bound in ``upper``) it also lists, in increasing order, the codes whose lower
+    bound ``s_k - B_k`` does not exceed it -- the real argmin is among them -- up to ``CAP`` per row in ``cand``,
+    and counts them all in ``count``."""
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -134,6 +142,11 @@ def _certify_kernel(
     best_b = tl.zeros([BLOCK_N], dtype=tl.float32)
     low = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
+    if COLLECT:
+        upper = tl.load(upper_ptr + offs_n, mask=mask_n, other=float("-inf"))
+        # float64's argmin may lie a float64 rounding above the real one: 2^-20 of the bound covers it
+        upper = upper + tl.abs(upper) * 2.0**-20
+        count = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         mask_k = offs_k < K
@@ -186,7 +199,18 @@ def _certify_kernel(
         best_b = tl.where(better, b_t, best_b)
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+        if COLLECT:
+            hit = ((score - b_t[:, None]) <= (upper + b_t * 2.0**-20)[:, None]) & (score < float("inf"))
+            hit = hit & mask_k[None, :]
+            pos = count[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
+            tl.store(cand_ptr + offs_n[:, None] * CAP + pos, (k0 + offs_kb)[None, :].to(tl.int32),
+                     mask=hit & (pos < CAP) & mask_n[:, None])
+            count += tl.sum(hit.to(tl.int32), axis=1)
 
+    if COLLECT:
+        tl.store(count_ptr + offs_n, count, mask=mask_n)
+    else:
+        tl.store(upper_ptr + offs_n, best + best_b, mask=mask_n)
     proven = low > best + best_b
     tl.store(idx_ptr + offs_n, best_idx, mask=mask_n)
     tl.store(proven_ptr + offs_n, proven.to(tl.int8), mask=mask_n)
@@ -422,10 +446,15 @@ def _final_distances(z, e64, idx, metric, chunk=1 << 22):
     return out
 
 
-def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False):
+CAP = 16  # candidates listed per row by the collect pass; a row with more is re-scored against every code
+
+
+def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False, upper=None):
     """Steps 1 and 2 (``split``: the second level's three-product pass): prepares the operands (the codebook's
     unless ``codes`` gives them, prepared with the same ``split``) and runs ``_certify_kernel``, writing its
-    argmin into ``indices``; returns ``(codes, rows, proven int8 [N])``."""
+    argmin into ``indices``; returns ``(codes, rows, proven int8 [N], upper fp32 [N])``. Given ``upper`` (a
+    previous run's upper bounds for the same rows and ``split``), it runs the collect pass instead and returns
+    ``(codes, rows, candidates int32 [N, CAP], counts int32 [N])``."""
     N, D = z.shape
     K = codebook.shape[0]
     if codes is None:
@@ -433,16 +462,42 @@ def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=Fa
     assert codes["split"] == split
     rows = _prepare_rows_fused(z, metric, codes)
     proven8 = torch.empty((N,), dtype=torch.int8, device=z.device)
+    collect = upper is not None
+    if collect:
+        cand = torch.empty((N, CAP), dtype=torch.int32, device=z.device)
+        count = torch.empty((N,), dtype=torch.int32, device=z.device)
+    else:
+        upper = torch.empty((N,), dtype=torch.float32, device=z.device)
+        cand = count = proven8
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel, extra = _certify_kernel, {}
     if config is not None:
         kernel, extra = _certify_kernel.fn, config.all_kwargs()
     kernel[grid](
         rows["z16"], rows["zl16"], codes["e16"], codes["el16"], codes["a"], codes["P"], codes["Q"], codes["R"],
-        codes["L"], rows["f"], rows["m"], rows["rho"], rows["lam"], indices, proven8, N, K, D,
-        SAFETY_C=SAFETY, SPLIT=split, EMULATE=_interpret(), **extra,
+        codes["L"], rows["f"], rows["m"], rows["rho"], rows["lam"], indices, proven8, upper, cand, count, N, K, D,
+        SAFETY_C=SAFETY, SPLIT=split, COLLECT=collect, CAP=CAP, EMULATE=_interpret(), **extra,
     )
-    return codes, rows, proven8
+    if collect:
+        return codes, rows, cand, count
+    return codes, rows, proven8, upper
+
+
+def _rescore_candidates(z, e64, cand, count, metric):
+    """float64 argmin over each row's listed candidates (in increasing index order, so the first minimum is the
+    lowest index); rows listing more than ``CAP`` are not handled here."""
+    n = cand.shape[0]
+    slots = torch.arange(CAP, device=z.device)[None, :]
+    valid = slots < count.clamp(max=CAP)[:, None]
+    idx = torch.where(valid, cand.long(), 0)
+    z64 = z.to(torch.float64)
+    e = e64[idx]  # [n, CAP, D]
+    if metric == "cos":
+        scores = -(_ref._normalize(z64)[:, None, :] * _ref._normalize(e)).sum(dim=-1)
+    else:
+        scores = e.pow(2).sum(dim=-1) - 2.0 * (z64[:, None, :] * e).sum(dim=-1)
+    scores = torch.where(valid & torch.isfinite(scores), scores, float("inf"))
+    return idx[torch.arange(n, device=z.device), scores.argmin(dim=1)]
 
 
 def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
@@ -451,8 +506,9 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     ``lgvq_fast.ops.nearest_code``.
 
     ``config`` (a ``triton.Config`` of ``_configs()``) launches that config instead of autotuning (tests).
-    ``stats``, a dict, receives ``split_rows`` and ``rescored`` (0-d int64 tensors on the device: rows searched
-    again by the split-fp16 level, rows re-scored in float64) and ``proven`` (bool [N]: proven by either level).
+    ``stats``, a dict, receives ``split_rows``, ``candidate_rows`` and ``rescored`` (0-d int64 tensors on the
+    device: rows searched again by the split-fp16 level, settled by float64 over their listed candidates, and
+    re-scored in float64 against every code) and ``proven`` (bool [N]: settled without that last search).
     """
     assert metric in ("l2", "cos")
     assert z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1]
@@ -463,20 +519,34 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
         if stats is not None:
             stats.update(rescored=torch.zeros((), dtype=torch.int64, device=z.device),
                          split_rows=torch.zeros((), dtype=torch.int64, device=z.device),
+                         candidate_rows=torch.zeros((), dtype=torch.int64, device=z.device),
                          proven=torch.zeros((0,), dtype=torch.bool, device=z.device))
         return indices, distances
-    codes, rows, proven8 = certify_pass(z, codebook, metric, indices, config)
+    codes, rows, proven8, _ = certify_pass(z, codebook, metric, indices, config)
     bad = rows["bad"]
     proven = (proven8 != 0) & ~rows["force"] & ~bad
     # Level 2: the unproven rows (not the forced ones, which no pass can certify) searched again with split-fp16
     # operands, residuals ~2^-11 smaller, under the same certificate.
     second = torch.nonzero(~proven & ~bad & ~rows["force"]).squeeze(1)
+    listed = second[:0]
     if second.numel():
         idx2 = torch.empty_like(second)
-        _, _, proven2 = certify_pass(z[second], codebook, metric, idx2, config, split=True)
+        codes2, _, proven2, upper2 = certify_pass(z[second], codebook, metric, idx2, config, split=True)
         ok2 = proven2 != 0
         indices[second[ok2]] = idx2[ok2]
         proven[second[ok2]] = True
+        # Level 3: what is left (near and true ties) lists its candidates in a second split pass, and float64
+        # scores just those; a row with more than CAP candidates goes to the full float64 search.
+        left = ~ok2
+        if bool(left.any()):
+            rows3 = second[left]
+            _, _, cand, count = certify_pass(z[rows3], codebook, metric, torch.empty_like(rows3), config,
+                                             codes=codes2, split=True, upper=upper2[left])
+            fits = (count <= CAP) & (count > 0)
+            listed = rows3[fits]
+            if listed.numel():
+                indices[listed] = _rescore_candidates(z[listed], codes["e64"], cand[fits], count[fits], metric)
+                proven[listed] = True
     redo = torch.nonzero(~proven & ~bad).squeeze(1)
     if redo.numel():
         idx_redo, _ = _ref.nearest_code(z[redo].to(torch.float64), codes["e64"], metric, torch.float64)
@@ -489,5 +559,5 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     distances.copy_(torch.where(no_code, float("nan"), dist))
     if stats is not None:
         stats.update(rescored=redo.new_tensor(redo.numel()), split_rows=second.new_tensor(second.numel()),
-                     proven=proven)
+                     candidate_rows=listed.new_tensor(listed.numel()), proven=proven)
     return indices, distances

@@ -174,6 +174,8 @@ def launch_everything(quick):
         for metric in ("l2", "cos"):  # the kernel only: the float64 steps after it read what it would write
             for split in (False, True):
                 nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=split)
+            nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
+                                                upper=torch.zeros(N))
     for K, D in [(1024, 256), (512, 8)] + ([] if quick else [(16384, 256), (1000, 77)]):
         N = 2048
         z = torch.randn(N, D, generator=g)
