@@ -59,6 +59,20 @@ def _scaled_rows_norm(base_ptr, rows, scale, mask_rows, C, BLOCK_C: tl.constexpr
 
 
 @triton.jit
+def _unit_rows(codes_base, p, a, w_den, mask, offs_c, mask_c, C):
+    """``U = a G / max(||a G||, eps)`` for the words ``p`` picked, columns ``offs_c``: ``[rows, BLOCK_C]`` fp32."""
+    g = tl.load(codes_base + p[:, None] * C + offs_c[None, :], mask=mask[:, None] & mask_c, other=0.0)
+    return g.to(tl.float32) * a[:, None] / w_den[:, None]
+
+
+@triton.jit
+def _text_rows(text_base, offs, mask, t_den, offs_c, mask_c, C):
+    """``Tn = T / max(||T||, eps)`` for the words ``offs``, columns ``offs_c``: ``[rows, BLOCK_C]`` fp32."""
+    t = tl.load(text_base + offs[:, None] * C + offs_c[None, :], mask=mask[:, None] & mask_c, other=0.0)
+    return t.to(tl.float32) / t_den[:, None]
+
+
+@triton.jit
 def _relations(
     text_base, codes_base, offs_i, mask_i, p_i, a_i, t_den_i, w_den_i, offs_l, mask_l, p_l, a_l, t_den_l, w_den_l,
     C, BLOCK_I: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr
@@ -71,22 +85,14 @@ def _relations(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = (offs_c < C)[None, :]
-        g = tl.load(codes_base + p_l[:, None] * C + offs_c[None, :], mask=mask_l[:, None] & mask_c,
-                    other=0.0).to(tl.float32)
-        u_l = g * a_l[:, None] / w_den_l[:, None]
-        t = tl.load(text_base + offs_l[:, None] * C + offs_c[None, :], mask=mask_l[:, None] & mask_c,
-                    other=0.0).to(tl.float32)
-        t_l = t / t_den_l[:, None]
+        u_l = _unit_rows(codes_base, p_l, a_l, w_den_l, mask_l, offs_c, mask_c, C)
+        t_l = _text_rows(text_base, offs_l, mask_l, t_den_l, offs_c, mask_c, C)
         if BLOCK_I == BLOCK_L:  # one tile holds every word: the rows are the columns
             u_i = u_l
             t_i = t_l
         else:
-            g = tl.load(codes_base + p_i[:, None] * C + offs_c[None, :], mask=mask_i[:, None] & mask_c,
-                        other=0.0).to(tl.float32)
-            u_i = g * a_i[:, None] / w_den_i[:, None]
-            t = tl.load(text_base + offs_i[:, None] * C + offs_c[None, :], mask=mask_i[:, None] & mask_c,
-                        other=0.0).to(tl.float32)
-            t_i = t / t_den_i[:, None]
+            u_i = _unit_rows(codes_base, p_i, a_i, w_den_i, mask_i, offs_c, mask_c, C)
+            t_i = _text_rows(text_base, offs_i, mask_i, t_den_i, offs_c, mask_c, C)
         r_uu += tl.dot(u_i, tl.trans(u_l), input_precision="ieee")
         r_tt += tl.dot(t_i, tl.trans(t_l), input_precision="ieee")
     return r_uu, r_tt
@@ -270,15 +276,11 @@ def _relation_loss_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = (offs_c < C)[None, :]
-        g = tl.load(codes_base + p_l[:, None] * C + offs_c[None, :], mask=mask_l[:, None] & mask_c,
-                    other=0.0).to(tl.float32)
-        u_l = g * a_l[:, None] / w_den_l[:, None]
+        u_l = _unit_rows(codes_base, p_l, a_l, w_den_l, mask_l, offs_c, mask_c, C)
         if BLOCK_I == BLOCK_L:
             u_i = u_l
         else:
-            g = tl.load(codes_base + p_i[:, None] * C + offs_c[None, :], mask=mask_i[:, None] & mask_c,
-                        other=0.0).to(tl.float32)
-            u_i = g * a_i[:, None] / w_den_i[:, None]
+            u_i = _unit_rows(codes_base, p_i, a_i, w_den_i, mask_i, offs_c, mask_c, C)
         g_u = tl.dot(mix, u_l, input_precision="ieee")
         g_w = tl.where(big[:, None], (g_u - radial[:, None] * u_i) / w_den_i[:, None], g_u / eps)
         tl.store(gg_base + offs_i[:, None] * C + offs_c[None, :], g_w * a_i[:, None], mask=mask_i[:, None] & mask_c)
