@@ -5,6 +5,8 @@ drawn, e.g. "a large red circle left of a small blue square". Because the captio
 alignment is measurable (caption retrieval, masked-attribute prediction). Each sample is a pure
 function of (seed, split, index), so runs and resumed runs see identical data.
 """
+import hashlib
+import json
 import math
 import random
 
@@ -22,7 +24,12 @@ COLOURS = {
     "orange": (245, 140, 30),
     "white": (245, 245, 245),
 }
-SIZES = {"small": 0.13, "large": 0.24}
+# Radii as fractions of the image side. At 32x32 a small shape spans about 11 pixels: drawn smaller (0.13, about 8
+# pixels), the default tokenizer's 16x16 codes gave small crosses back as blobs (docs/training.md has the measurements).
+SIZES = {"small": 0.17, "large": 0.24}
+# A cross's arms are 2 x CROSS_ARM x radius wide; a square's half side is SQUARE_HALF x radius.
+CROSS_ARM = 0.38
+SQUARE_HALF = 0.88
 # (word, axis, sign): "left of" means the first shape lies entirely at smaller x than the second.
 RELATIONS = (("left of", 0, -1), ("right of", 0, 1), ("above", 1, -1), ("below", 1, 1))
 BACKGROUND = (28, 28, 36)
@@ -30,6 +37,18 @@ BACKGROUND = (28, 28, 36)
 _SUPERSAMPLE = 4
 # Val indices come from a seed stream far from the train one.
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_006}
+
+
+def geometry() -> dict:
+    """Everything that fixes how a scene is drawn: a model trained on rendered images (the downstream stage's probe)
+    or codes extracted from them are only valid for the geometry they record."""
+    return {"sizes": dict(SIZES), "cross_arm": CROSS_ARM, "square_half": SQUARE_HALF, "supersample": _SUPERSAMPLE,
+            "colours": {k: list(v) for k, v in COLOURS.items()}, "background": list(BACKGROUND), "shapes": list(SHAPES)}
+
+
+def geometry_tag() -> str:
+    """A 12-hex-digit digest of ``geometry()``."""
+    return hashlib.sha256(json.dumps(geometry(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _sample_rng(seed, split, index):
@@ -42,7 +61,7 @@ def _draw_shape(draw, shape, centre, radius, fill):
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
-        s = r * 0.88
+        s = r * SQUARE_HALF
         draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
     elif shape == "triangle":
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
@@ -50,7 +69,7 @@ def _draw_shape(draw, shape, centre, radius, fill):
     elif shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     elif shape == "cross":
-        w = r * 0.38
+        w = r * CROSS_ARM
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     else:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lgvq_fast.data.collate import mix_seed
+from lgvq_fast.data.shapes import geometry_tag
 from lgvq_fast.errors import EvalError, one_line_error
 from lgvq_fast.eval import _read_checkpoint, load_checkpoint_model
 from lgvq_fast.models.text import TextBatch
@@ -43,7 +44,7 @@ META = "meta.json"
 ARRAYS = ("codes", "text_ids", "text_mask", "n_captions", "index")
 # the tokenizer-independent description of a dataset: its keys, with the value an absent key takes
 DATA_DEFAULTS = {"name": None, "size": None, "root": None, "image_dir": None, "annotations": None, "seed": 0,
-                 "max_words": 27, "val_holdout": 0.0, "skip_bad_samples": False}
+                 "max_words": 27, "val_holdout": 0.0, "skip_bad_samples": False, "geometry": None}
 # the identity entries that must agree for a cache to serve a tokenizer (its path may change)
 _TOKENIZER_KEYS = ("checksum", "grid", "codebook_size", "resolution", "max_text_len", "text_encoder")
 
@@ -87,8 +88,9 @@ def _identity(path, state):
 
 
 def data_spec(data) -> dict:
-    """``data`` with every key of ``DATA_DEFAULTS`` (absent ones at their default) and absolute paths; ValueError for
-    an unknown key, a missing name or a size below 1 (an empty dataset)."""
+    """``data`` with every key of ``DATA_DEFAULTS`` (absent ones at their default), absolute paths and, for shapes, the
+    renderer's ``geometry_tag()``; ValueError for an unknown key, a missing name or a size below 1 (an empty
+    dataset)."""
     if not isinstance(data, dict) or not data.get("name"):
         raise ValueError(f"data must be a dict naming the dataset ('name': 'shapes', 'cub', ...), got {data!r}")
     unknown = sorted(set(data) - set(DATA_DEFAULTS))
@@ -105,6 +107,9 @@ def data_spec(data) -> dict:
     spec["size"] = None if size is None else int(size)
     spec.update(seed=int(spec["seed"]), val_holdout=float(spec["val_holdout"] or 0.0),
                 skip_bad_samples=bool(spec["skip_bad_samples"]))
+    # shapes are drawn by code: the drawing's digest is part of the spec, so a change of the renderer never serves
+    # codes extracted from the old images (always the renderer's own, whatever the caller passed)
+    spec["geometry"] = geometry_tag() if spec["name"] == "shapes" else None
     return spec
 
 

@@ -38,7 +38,7 @@ class DownstreamData:
     def validate(self):
         if not self.tokenizer:
             raise ConfigError("a downstream run needs the frozen tokenizer: --tokenizer CKPT (a checkpoint that "
-                              "lgvq_fast/train.py wrote, e.g. runs/tiny-cpu/checkpoints/step_0000520.pt)")
+                              "lgvq_fast/train.py wrote, e.g. runs/tiny-cpu/checkpoints/step_0000640.pt)")
         for name in ("train_size", "val_size"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from lgvq_fast.data.shapes import caption_of, sample_scene
+from lgvq_fast.data.shapes import caption_of, geometry_tag, sample_scene
 from lgvq_fast.downstream.tasks import generate_captions, generate_codes, make_batch
 
 
@@ -98,7 +98,8 @@ def get_probe(cfg, resolution, device, log=print):
     """The shapes probe: ``train.probe`` when given, else the one trained once into ``data.cache_dir``."""
     from lgvq_fast.downstream.metrics import load_probe, save_probe, train_probe
 
-    path = cfg.train.probe or os.path.join(cfg.data.cache_dir, f"shapes_probe_r{resolution}.pt")
+    # the cached probe's name carries the renderer's geometry: a change of the drawing trains a new one
+    path = cfg.train.probe or os.path.join(cfg.data.cache_dir, f"shapes_probe_r{resolution}_{geometry_tag()}.pt")
     if cfg.train.probe is None and not os.path.exists(path):
         log(f"training the shapes probe that reads generated images (once; saved to {path})")
         save_probe(train_probe(resolution=resolution, device=device, progress=cfg.train.progress), path)

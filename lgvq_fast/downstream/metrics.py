@@ -40,6 +40,7 @@ from lgvq_fast.data.shapes import (
     RELATIONS,
     SHAPES,
     SIZES,
+    geometry,
     pil_to_tensor,
     render,
     render_labels,
@@ -349,7 +350,7 @@ def _areas(resolution):
 
 def size_thresholds(resolution: int) -> dict[str, float]:
     """Per shape, the pixel area above which a read object is "large": the geometric mean of the small and large
-    areas the renderer draws at ``resolution`` (their ratio is (0.24 / 0.13)^2 = 3.4, so each lies a factor ~1.8
+    areas the renderer draws at ``resolution`` (their ratio is (0.24 / 0.17)^2 = 2.0, so each lies a factor ~1.4
     from the threshold). Measured from ``render_labels`` rather than written down, so it follows the geometry."""
     areas = _areas(int(resolution))
     return {shape: math.sqrt(areas[shape, "small"] * areas[shape, "large"]) for shape in SHAPES}
@@ -507,11 +508,13 @@ def probe_accuracy_on_real(probe: ShapesProbe, n: int = 512, resolution: int | N
 
 
 def save_probe(probe: ShapesProbe, path) -> None:
-    """Writes the probe (state dict, resolution, width and the class table ``LABELS``) to ``path`` atomically."""
+    """Writes the probe (state dict, resolution, width, the class table ``LABELS`` and the renderer's ``geometry()``
+    it was trained on) to ``path`` atomically."""
     if not isinstance(probe, ShapesProbe):
         raise TypeError(f"probe must be a ShapesProbe, got {type(probe).__name__}")
-    payload = {"kind": _PROBE_KIND, "version": 1, "resolution": probe.resolution, "width": probe.width,
-               "labels": list(LABELS), "state_dict": {k: v.detach().cpu() for k, v in probe.state_dict().items()}}
+    payload = {"kind": _PROBE_KIND, "version": 2, "resolution": probe.resolution, "width": probe.width,
+               "labels": list(LABELS), "geometry": geometry(),
+               "state_dict": {k: v.detach().cpu() for k, v in probe.state_dict().items()}}
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
         torch.save(payload, tmp)
@@ -522,8 +525,9 @@ def save_probe(probe: ShapesProbe, path) -> None:
 
 
 def load_probe(path, device="cpu") -> ShapesProbe:
-    """The probe ``save_probe`` wrote to ``path`` (eval mode). ValueError naming the file when it is not a probe file
-    or was trained for another class table."""
+    """The probe ``save_probe`` wrote to ``path`` (eval mode). ValueError naming the file when it is not a probe file,
+    was trained for another class table, or on shapes drawn with another geometry than the renderer's now (its
+    readings of today's images would be off)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
@@ -535,6 +539,16 @@ def load_probe(path, device="cpu") -> ShapesProbe:
     if list(payload.get("labels", ())) != list(LABELS):
         raise ValueError(f"{path}: the probe's class table ({len(payload.get('labels', ()))} classes) differs from "
                          f"lgvq_fast.data.shapes.LABELS ({len(LABELS)} classes)")
+    drawn = payload.get("geometry")
+    if drawn != geometry():
+        if drawn is None:
+            why = "records no drawing geometry (written before probes recorded it)"
+        else:
+            diff = sorted(k for k in set(drawn) | set(geometry()) if drawn.get(k) != geometry().get(k))
+            why = "was trained on shapes drawn with other " + ", ".join(
+                f"{k} ({drawn.get(k)!r}, the renderer now: {geometry().get(k)!r})" for k in diff)
+        raise ValueError(f"{path}: the probe {why}; train a new one (delete the file to have the downstream "
+                         "trainer retrain it, or lgvq_fast.downstream.metrics.train_probe)")
     try:
         probe = ShapesProbe(payload["resolution"], payload["width"])
         probe.load_state_dict(payload["state_dict"])

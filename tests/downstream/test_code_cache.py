@@ -181,6 +181,24 @@ def test_expect_mismatch_names_the_folder(ckpt, shapes_cache, tmp_path):
     assert not np.array_equal(rebuilt.codes, shapes_cache.codes)
 
 
+def test_shapes_drawn_otherwise_are_another_cache(ckpt, shapes_cache, tmp_path, monkeypatch):
+    """The shapes are drawn by code: a change of the drawing gives another folder, and a cache extracted from the old
+    images is refused naming the geometry, whatever geometry the caller's spec claims."""
+    import lgvq_fast.data.shapes as shapes
+
+    spec = codes_mod.data_spec(SHAPES)
+    assert spec["geometry"] == shapes.geometry_tag()
+    assert codes_mod.data_spec({**SHAPES, "geometry": "0" * 12})["geometry"] == shapes.geometry_tag()
+    assert codes_mod.data_spec({"name": "cub", "root": str(tmp_path)})["geometry"] is None
+    before = codes_mod.cache_folder("r", tokenizer_identity(ckpt), spec, "val")
+    monkeypatch.setitem(shapes.SIZES, "small", shapes.SIZES["small"] * 0.9)
+    assert codes_mod.data_spec(SHAPES)["geometry"] != spec["geometry"]
+    assert codes_mod.cache_folder("r", tokenizer_identity(ckpt), codes_mod.data_spec(SHAPES), "val") != before
+    with pytest.raises(ValueError, match="geometry=") as info:
+        CodeCache.open(shapes_cache.folder, {"data": SHAPES})
+    assert shapes_cache.folder in str(info.value) and "\n" not in str(info.value)
+
+
 def test_corrupt_arrays_name_the_file(shapes_cache, tmp_path):
     folder = str(tmp_path / "copy")
     shutil.copytree(shapes_cache.folder, folder)

@@ -4,6 +4,7 @@ the caption parser and its canonical form, ``caption_scores`` / ``bleu4`` / ``ch
 an oracle probe, and a short ``train_probe`` run with its save/load round trip."""
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from lgvq_fast.data.shapes import (
 from lgvq_fast.downstream.metrics import (
     Obj,
     Scene,
+    ShapesProbe,
     bleu4,
     caption_scores,
     chrf,
@@ -396,3 +398,55 @@ def test_load_rejects_other_files(short_probe, tmp_path):
     torch.save({**payload, "width": payload["width"] + 2}, table)
     with pytest.raises(ValueError, match=f"{table.name}: a shapes probe file whose weights do not load"):
         load_probe(table)
+
+
+@pytest.mark.parametrize("change", ["small", "large", "cross_arm", "colour"])
+def test_load_rejects_a_probe_of_another_drawing(short_probe, tmp_path, monkeypatch, change):
+    """A probe records the geometry it was trained on; once the renderer draws differently it reads today's images
+    wrongly, so loading it fails naming the difference (and a probe that records none fails too)."""
+    import lgvq_fast.data.shapes as shapes
+
+    path = tmp_path / "probe.pt"
+    save_probe(short_probe, path)
+    key = {"small": "sizes", "large": "sizes", "cross_arm": "cross_arm", "colour": "colours"}[change]
+    if change in ("small", "large"):
+        monkeypatch.setitem(shapes.SIZES, change, shapes.SIZES[change] * random.uniform(0.8, 0.95))
+    elif change == "cross_arm":
+        monkeypatch.setattr(shapes, "CROSS_ARM", shapes.CROSS_ARM + random.uniform(0.01, 0.1))
+    else:
+        monkeypatch.setitem(shapes.COLOURS, "red", (random.randrange(256), 0, 0))
+    want = f"{path.name}: the probe was trained on shapes drawn with other {key} "
+    with pytest.raises(ValueError, match=want) as err:
+        load_probe(path)
+    assert "\n" not in str(err.value) and "train a new one" in str(err.value)
+    monkeypatch.undo()
+    assert load_probe(path).resolution == short_probe.resolution  # the renderer's drawing again: loads
+    payload = torch.load(path, weights_only=True)
+    del payload["geometry"]
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=f"{path.name}: the probe records no drawing geometry"):
+        load_probe(path)
+
+
+def test_cached_probe_is_per_drawing(tmp_path, monkeypatch):
+    """The downstream trainer's cached probe is named by the renderer's geometry: a changed drawing trains its own
+    instead of reading images with a probe of the old one."""
+    import lgvq_fast.data.shapes as shapes
+    import lgvq_fast.downstream.metrics as metrics_mod
+    from lgvq_fast.downstream.evaluate import get_probe
+
+    trained = []
+
+    def quick(resolution, **kw):
+        trained.append(shapes.geometry_tag())
+        return ShapesProbe(resolution, 4)
+
+    monkeypatch.setattr(metrics_mod, "train_probe", quick)
+    cfg = SimpleNamespace(train=SimpleNamespace(probe=None, progress=False), data=SimpleNamespace(cache_dir=tmp_path))
+    get_probe(cfg, 16, "cpu", log=lambda *a: None)
+    get_probe(cfg, 16, "cpu", log=lambda *a: None)
+    assert trained == [shapes.geometry_tag()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"shapes_probe_r16_{shapes.geometry_tag()}.pt"]
+    monkeypatch.setattr(shapes, "CROSS_ARM", shapes.CROSS_ARM * random.uniform(0.7, 0.9))
+    get_probe(cfg, 16, "cpu", log=lambda *a: None)
+    assert len(trained) == 2 and trained[1] != trained[0] and len(list(tmp_path.iterdir())) == 2
