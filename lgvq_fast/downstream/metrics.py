@@ -539,14 +539,14 @@ def load_probe(path, device="cpu") -> ShapesProbe:
     if list(payload.get("labels", ())) != list(LABELS):
         raise ValueError(f"{path}: the probe's class table ({len(payload.get('labels', ()))} classes) differs from "
                          f"lgvq_fast.data.shapes.LABELS ({len(LABELS)} classes)")
-    drawn = payload.get("geometry")
-    if drawn != geometry():
+    drawn, now = payload.get("geometry"), geometry()
+    if drawn != now:
         if drawn is None:
             why = "records no drawing geometry (written before probes recorded it)"
         else:
-            diff = sorted(k for k in set(drawn) | set(geometry()) if drawn.get(k) != geometry().get(k))
+            diff = sorted(k for k in set(drawn) | set(now) if drawn.get(k) != now.get(k))
             why = "was trained on shapes drawn with other " + ", ".join(
-                f"{k} ({drawn.get(k)!r}, the renderer now: {geometry().get(k)!r})" for k in diff)
+                f"{k} ({drawn.get(k)!r}, the renderer now: {now.get(k)!r})" for k in diff)
         raise ValueError(f"{path}: the probe {why}; train a new one (delete the file to have the downstream "
                          "trainer retrain it, or lgvq_fast.downstream.metrics.train_probe)")
     try:
