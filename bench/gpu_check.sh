@@ -79,10 +79,25 @@ _cuda.ema_update_(torch.rand(K, device="cuda"), torch.randn(K, D, device="cuda")
 torch.cuda.synchronize()
 print("sanitizer case done")
 '
+# the TMA + wgmma search (compute capability 9.0 only): tails of N and K, D padded from 77 and exactly 512
+TMA_CASE='
+import torch
+from lgvq_fast import _cuda
+if torch.cuda.get_device_capability() == (9, 0):
+    for d in (77, 512):
+        z = torch.randn(333, d, device="cuda")
+        cb = torch.randn(130, d, device="cuda")
+        for metric in ("l2", "cos"):
+            _cuda.nearest_code(z, cb, metric, "fast_tma")
+        _cuda.nearest_code(z.to(torch.bfloat16), cb, "l2", "fast_tma")
+    torch.cuda.synchronize()
+print("sanitizer TMA case done")
+'
 if [ "$CUDA_EXT" = 0 ]; then
   echo "no CUDA extension: sanitizer skipped" | tee -a "$LOG"
 elif [ -n "$SANITIZER" ]; then
   stage memcheck 60 "$SANITIZER" --tool memcheck --error-exitcode 9 python3 -c "$SMALL_CASE"
+  stage memcheck_tma 45 "$SANITIZER" --tool memcheck --error-exitcode 9 python3 -c "$TMA_CASE"
   stage racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 9 python3 -c "$SMALL_CASE"
 else
   echo "compute-sanitizer not found: memcheck skipped" | tee -a "$LOG"

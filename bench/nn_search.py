@@ -8,6 +8,12 @@ Rows per shape (N rows of z, K codes, D dims; random normal inputs):
 - reference chunked fp32: ``lgvq_fast.reference.nearest_code`` (bounded memory).
 - triton exact / fast, cuda exact / fast (when ``lgvq_fast._C`` is built): the public op;
   triton exact bf16x3: the Triton kernel with split-bf16 instead of tf32x3 products.
+  triton fast tma (sm_90+): ``kernels/nearest_code_tma.py``, bf16 operand copies made once per call (counted
+  in its time and extra memory) and read through TMA descriptors; ``LGVQ_FAST_NN_FAST_KERNEL=tma`` makes it
+  the op's fast mode. "(bf16 inputs)" rows take inputs already in bf16 (converted outside the timing), as
+  the flash-kmeans row takes fp16: the TMA kernel then reads z and an l2 codebook in place.
+  cuda fast tma (compute capability 9.0): the extension's TMA + wgmma kernel (``csrc/nearest_code_sm90.cu``),
+  its bf16 copies of z and the codebook counted in.
   triton exact certified: one fp16 pass that proves most rows, a split-fp16 pass over the rest, float64 over
   listed candidates, then over every code for what is left (``kernels/nearest_code_certified.py``);
   ``split_pct``, ``candidate_pct`` and ``rescored_pct`` are the shares of rows each step took.
@@ -169,6 +175,12 @@ def candidates(z, codebook, metric, device):
 
         rows.append((CERTIFIED, lambda: nearest_code_certified(z, codebook, metric, stats=_CERT_STATS), True, 0))
 
+        rows.append(("triton fast (bf16 inputs)", lambda: nearest_code_fwd(zb, eb, metric, "fast"), False, 0))
+        if torch.cuda.get_device_capability(device)[0] >= 9:
+            from lgvq_fast.kernels.nearest_code_tma import nearest_code_fast_tma
+
+            rows.append(("triton fast tma", lambda: nearest_code_fast_tma(z, codebook, metric), False, 0))
+            rows.append(("triton fast tma (bf16 inputs)", lambda: nearest_code_fast_tma(zb, eb, metric), False, 0))
         rows.append(
             (
                 "triton exact bf16x3",
@@ -177,6 +189,12 @@ def candidates(z, codebook, metric, device):
                 0,
             )
         )
+    if device.type == "cuda" and _backend.cuda_ext_available() and torch.cuda.get_device_capability(device) == (9, 0):
+        from lgvq_fast import _cuda
+
+        rows.append(("cuda fast tma", lambda: _cuda.nearest_code(z, codebook, metric, "fast_tma"), False, 0))
+        rows.append(("cuda fast tma (bf16 inputs)", lambda: _cuda.nearest_code(zb, codebook, metric, "fast_tma"),
+                     False, 0))
     fk = flash_kmeans_search(z, codebook, metric)
     if fk is not None:
         rows.append(("flash-kmeans (fp16 inputs)", fk, False, 0))

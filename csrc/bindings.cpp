@@ -47,7 +47,7 @@ void check_common(const char* op, int device, std::uintptr_t stream, double eps)
 void nearest_code_py(std::uintptr_t z, int z_dtype, int64_t n, int64_t d, int64_t z_row_stride,
                      std::uintptr_t codebook, int64_t k, std::uintptr_t e_hi, std::uintptr_t e_lo,
                      std::uintptr_t e_norm2, std::uintptr_t indices, std::uintptr_t distances, int metric, int algo,
-                     double eps, int device, std::uintptr_t stream) {
+                     double eps, int device, std::uintptr_t stream, std::uintptr_t z_hi, std::uintptr_t z_aux) {
   const char* op = "lgvq_fast._C.nearest_code";
   const size_t zsize = dtype_size(op, "z_dtype", z_dtype);
   require(n >= 0, op, "n must be >= 0, got " + num(n));
@@ -55,8 +55,11 @@ void nearest_code_py(std::uintptr_t z, int z_dtype, int64_t n, int64_t d, int64_
   require(k >= 1 && k <= kMaxInt, op, "k must be in [1, 2^31), got " + num(k));
   require(z_row_stride >= d, op, "z_row_stride must be >= d = " + num(d) + ", got " + num(z_row_stride));
   require(metric == lgvq::kL2 || metric == lgvq::kCos, op, "metric must be 0 (l2) or 1 (cos), got " + num(metric));
-  require(algo == lgvq::kFast || algo == lgvq::kExact || algo == lgvq::kScalar, op,
-          "algo must be 0 (fast), 1 (exact) or 2 (scalar), got " + num(algo));
+  require(algo == lgvq::kFast || algo == lgvq::kExact || algo == lgvq::kScalar || algo == lgvq::kFastTma, op,
+          "algo must be 0 (fast), 1 (exact), 2 (scalar) or 3 (fast_tma), got " + num(algo));
+  const bool tma = algo == lgvq::kFastTma;
+  require(!tma || d <= lgvq::tma_max_dim(), op,
+          "algo 3 (fast_tma) takes d <= " + num(lgvq::tma_max_dim()) + ", got " + num(d));
   check_common(op, device, stream, eps);
   const bool empty = n == 0;
   check_ptr(op, "z", z, zsize, empty);
@@ -66,6 +69,8 @@ void nearest_code_py(std::uintptr_t z, int z_dtype, int64_t n, int64_t d, int64_
   check_ptr(op, "e_norm2", e_norm2, 4, false);
   check_ptr(op, "indices", indices, 8, empty);
   check_ptr(op, "distances", distances, 4, empty);
+  check_ptr(op, "z_hi", z_hi, 16, !tma || empty);
+  check_ptr(op, "z_aux", z_aux, 4, !tma || empty);
   lgvq::NearestArgs a;
   a.z = reinterpret_cast<const void*>(z);
   a.z_dtype = z_dtype;
@@ -77,6 +82,8 @@ void nearest_code_py(std::uintptr_t z, int z_dtype, int64_t n, int64_t d, int64_
   a.e_hi = reinterpret_cast<void*>(e_hi);
   a.e_lo = reinterpret_cast<void*>(e_lo);
   a.e_norm2 = reinterpret_cast<float*>(e_norm2);
+  a.z_hi = reinterpret_cast<void*>(z_hi);
+  a.z_aux = reinterpret_cast<float*>(z_aux);
   a.indices = reinterpret_cast<int64_t*>(indices);
   a.distances = reinterpret_cast<float*>(distances);
   a.metric = metric;
@@ -134,6 +141,13 @@ bool uses_tensor_cores_py(int64_t d, int algo, int device) {
   return lgvq::nearest_code_uses_tensor_cores(d, algo, device);
 }
 
+bool tma_supported_py(int64_t d, int device) {
+  const char* op = "lgvq_fast._C.nearest_code_tma_supported";
+  require(d >= 1 && d <= kMaxInt, op, "d must be in [1, 2^31), got " + num(d));
+  require(device >= 0, op, "device must be a CUDA device index >= 0, got " + num(device));
+  return lgvq::nearest_code_tma_supported(d, device);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -141,12 +155,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("nearest_code", &nearest_code_py, py::arg("z"), py::arg("z_dtype"), py::arg("n"), py::arg("d"),
         py::arg("z_row_stride"), py::arg("codebook"), py::arg("k"), py::arg("e_hi"), py::arg("e_lo"),
         py::arg("e_norm2"), py::arg("indices"), py::arg("distances"), py::arg("metric"), py::arg("algo"),
-        py::arg("eps"), py::arg("device"), py::arg("stream"));
+        py::arg("eps"), py::arg("device"), py::arg("stream"), py::arg("z_hi") = 0, py::arg("z_aux") = 0);
   m.def("ema_update", &ema_update_py, py::arg("cluster_size"), py::arg("embed_avg"), py::arg("embed"),
         py::arg("embed_dtype"), py::arg("k"), py::arg("d"), py::arg("z"), py::arg("z_dtype"), py::arg("n"),
         py::arg("z_row_stride"), py::arg("perm"), py::arg("offsets"), py::arg("decay"), py::arg("eps"),
         py::arg("device"), py::arg("stream"));
   m.def("padded_dim", &lgvq::padded_dim, py::arg("d"), "Row length (multiple of 16) of the bf16 codebook workspaces.");
+  m.def("tma_padded_dim", &lgvq::tma_padded_dim, py::arg("d"),
+        "Row length (multiple of 64) of the bf16 workspaces of algo 3 (fast_tma).");
+  m.def("tma_max_dim", &lgvq::tma_max_dim, "The largest d algo 3 (fast_tma) takes.");
+  m.def("nearest_code_tma_supported", &tma_supported_py, py::arg("d"), py::arg("device"),
+        "Whether algo 3 (fast_tma) runs for this d on `device` (compute capability 9.0; needs a GPU).");
   m.def("nearest_code_uses_tensor_cores", &uses_tensor_cores_py, py::arg("d"), py::arg("algo"), py::arg("device"));
   m.def("nearest_code_binary_version", &lgvq::nearest_code_binary_version, py::arg("device"),
         "Compute capability of the machine code the driver loads for the search kernel (needs a GPU).");
@@ -154,5 +173,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_archs", &lgvq::compiled_archs, "Machine-code targets compiled in, e.g. ['sm_90a', 'sm_80'].");
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = 0, py::arg("bfloat16") = 1, py::arg("float16") = 2);
   m.attr("METRIC_CODES") = py::dict(py::arg("l2") = 0, py::arg("cos") = 1);
-  m.attr("ALGO_CODES") = py::dict(py::arg("fast") = 0, py::arg("exact") = 1, py::arg("scalar") = 2);
+  m.attr("ALGO_CODES") = py::dict(py::arg("fast") = 0, py::arg("exact") = 1, py::arg("scalar") = 2,
+                                  py::arg("fast_tma") = 3);
 }

@@ -22,7 +22,7 @@
 // of at most ~3 * 2^-18 |z_i e_i| (~1.2e-5) before fp32 accumulation, i.e.
 // |score error| <~ 2.4e-5 sum_i |z_i e_i| + the fp32 accumulation error,
 // comparable to an fp32 dot product's worst-case bound for D >= 256.
-#include "common.cuh"
+#include "nearest_common.cuh"
 
 namespace lgvq {
 namespace {
@@ -42,45 +42,6 @@ size_t mma_smem_bytes(int dp, bool exact) {
   const size_t b = 2 * arrays * kBlockK * kBStride * sizeof(__nv_bfloat16);
   return a + b + kBlockN * sizeof(float);
 }
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
-__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
-
-// A cos vector whose norm reaches 2^126 counts as non-finite.
-constexpr float kCosNormLimit = 8.507059173023462e37f;
-
-// 2^-64 and 2^64: a second sum of squares, of x * 2^-64, stands in where the
-// plain one overflows (||x|| >~ 1.8e19).
-constexpr float kTwoM64 = 5.421010862427522e-20f;
-constexpr float kTwoP64 = 1.8446744073709552e19f;
-
-// 1 / max(||x||, eps) from the two sums of squares, or NaN where ||x|| >= 2^126
-// (the rule: such a cos vector counts as non-finite). Below the limit the result
-// is a normal fp32 (>= 2^-126), so x * inv never meets a subnormal and |x * inv| <= 1.
-__device__ __forceinline__ float cos_inv_norm(float sq, float sq_lo, float eps) {
-  // A NaN sq (a row holding NaN) takes the second branch and stays NaN.
-  const float norm = sq < pos_inf() ? sqrtf(sq) : sqrtf(sq_lo) * kTwoP64;
-  return norm >= kCosNormLimit ? quiet_nan() : 1.f / fmaxf(norm, eps);
-}
-
-// cos_inv_norm of one row, read by a whole warp in one pass.
-template <typename T>
-__device__ __forceinline__ float warp_cos_inv_norm(const T* __restrict__ x, int d, bool valid, int lane, float eps) {
-  float sq = 0.f, sq_lo = 0.f;
-  if (valid) {
-    for (int c = lane; c < d; c += 32) {
-      float v = to_float(x[c]);
-      sq = fmaf(v, v, sq);
-      v *= kTwoM64;
-      sq_lo = fmaf(v, v, sq_lo);
-    }
-  }
-  return cos_inv_norm(warp_sum(sq), warp_sum(sq_lo), eps);
-}
-
-// A candidate replaces the running best only if it is smaller and above -inf:
-// NaN, +inf (best starts at +inf) and -inf never win.
-__device__ __forceinline__ bool wins(float sc, float best) { return sc < best && sc > neg_inf(); }
 
 // One warp per code: ||e||^2 (l2) or inv = 1 / max(||e||, eps) (cos; NaN for a
 // code counted as non-finite), fp32 from the fp32 codebook, into e_norm2; and,
@@ -113,10 +74,6 @@ __global__ void _codebook_prep_kernel(const float* __restrict__ e, int k_codes, 
     if (e_lo != nullptr) e_lo[base + c] = lo;
   }
 }
-
-// Rounding can leave a distance slightly below 0: clamp it, but keep a NaN (fmaxf would turn it into 0, which
-// reads as an exact match for a row holding NaN).
-__device__ __forceinline__ float clamp_dist(float d) { return d < 0.f ? 0.f : d; }
 
 template <typename ZT, bool EXACT>
 __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
@@ -372,6 +329,7 @@ int64_t padded_dim(int64_t d) { return (d + 15) / 16 * 16; }
 
 bool nearest_code_uses_tensor_cores(int64_t d, int algo, int device) {
   if (algo == kScalar) return false;
+  if (algo == kFastTma) return nearest_code_tma_supported(d, device);
   use_device(device);
   return mma_smem_bytes(static_cast<int>(padded_dim(d)), algo == kExact) <=
          static_cast<size_t>(max_shared_per_block(device));
@@ -387,6 +345,10 @@ int nearest_code_binary_version(int device) {
 void nearest_code(const NearestArgs& a) {
   use_device(a.device);
   if (a.n == 0) return;
+  if (a.algo == kFastTma) {
+    nearest_code_sm90(a);
+    return;
+  }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   const int dp = static_cast<int>(padded_dim(a.d));
   const bool tensor_cores = nearest_code_uses_tensor_cores(a.d, a.algo, a.device);

@@ -37,8 +37,9 @@ Precision: ``exact`` multiplies fp32 operands with ``input_precision="tf32x3"``
 with fp32 accumulation. ``nearest_code_fwd(..., exact_split="bf16x3")`` is an
 exact-mode variant with three bf16 products of hi/lo parts, offered to the
 benchmark as a faster candidate. The CPU interpreter (Triton 3.9) multiplies bf16 tiles as
-their raw uint16 bit patterns, so under TRITON_INTERPRET the fast path rounds
-the operands to bf16 and multiplies them as fp32 (the same products, exactly).
+their raw uint16 bit patterns and truncates when it converts fp32 to bf16, so under
+TRITON_INTERPRET the fast path rounds the operands to bf16 (to nearest even, on the
+bits: ``to_bf16``) and multiplies them as fp32 (the same products, exactly).
 """
 
 import torch
@@ -46,7 +47,7 @@ import triton
 import triton.language as tl
 
 from lgvq_fast import _alloc
-from lgvq_fast._backend import env_flag, triton_interpret as _interpret
+from lgvq_fast._backend import env_flag, nn_fast_kernel, triton_interpret as _interpret
 
 # Same eps as lgvq_fast.reference.nearest_code.COS_EPS (torch.nn.functional.normalize's default).
 COS_EPS = 1e-12
@@ -171,8 +172,8 @@ def _code_norms_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, BLOCK_K: tl.c
 
 
 @triton.jit
-def _code_normalize_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, BLOCK_K: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+def _code_normalize_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, OUT_BF16: tl.constexpr,
+                           EMULATE_BF16: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """``out [K, D]`` (contiguous, fp32 or bf16) = ``e / max(||e||, eps)``; NaN for a code whose norm reaches 2^126
     (the rule: such a code counts as non-finite and never wins)."""
     pid_k = tl.program_id(0)
@@ -185,14 +186,30 @@ def _code_normalize_kernel(e_ptr, out_ptr, K, D, stride_ek, stride_ed, eps, BLOC
         x = tl.load(e_ptr + offs_k[:, None] * stride_ek + (d0 + offs_d)[None, :] * stride_ed, mask=mask,
                     other=0.0).to(tl.float32)
         x = x * inv[:, None]
-        tl.store(out_ptr + offs_k[:, None] * D + (d0 + offs_d)[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+        if OUT_BF16:
+            x = to_bf16(x, EMULATE_BF16)
+        tl.store(out_ptr + offs_k[:, None] * D + (d0 + offs_d)[None, :], x, mask=mask)
+
+
+@triton.jit
+def to_bf16(x, EMULATE_BF16: tl.constexpr):
+    """``x`` rounded to bf16, to nearest even, as the GPU's conversion does. The CPU interpreter's own fp32 ->
+    bf16 conversion truncates, so there the rounding is done on the bits: add 0x7FFF plus the lowest kept bit,
+    keep the upper half (a carry into the exponent is the right result, up to +-inf); NaN stays a quiet NaN."""
+    if EMULATE_BF16:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        upper = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        upper = tl.where(x != x, 0x7FC0, upper).to(tl.uint16)
+        return upper.to(tl.bfloat16, bitcast=True)
+    return x.to(tl.bfloat16)
 
 
 @triton.jit
 def _operand(x, FAST: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """A tile as the product wants it: fp32 (exact) or bf16 (fast; fp32 holding bf16 values when emulated)."""
     if FAST:
-        x = x.to(tl.bfloat16)
+        x = to_bf16(x, EMULATE_BF16)
         if EMULATE_BF16:
             x = x.to(tl.float32)
     else:
@@ -203,8 +220,8 @@ def _operand(x, FAST: tl.constexpr, EMULATE_BF16: tl.constexpr):
 @triton.jit
 def _bf16_parts(x, EMULATE_BF16: tl.constexpr):
     """fp32 ``x`` as ``hi + lo`` with both parts bf16 (about 16 significant bits together)."""
-    hi = x.to(tl.bfloat16)
-    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    hi = to_bf16(x, EMULATE_BF16)
+    lo = to_bf16(x - hi.to(tl.float32), EMULATE_BF16)
     if EMULATE_BF16:
         hi = hi.to(tl.float32)
         lo = lo.to(tl.float32)
@@ -236,6 +253,46 @@ def _dot(a, b, acc, FAST: tl.constexpr, SPLIT_BF16: tl.constexpr, EMULATE_BF16: 
         # Split precision: three TF32 products recover about fp32 accuracy on tensor cores.
         acc = tl.dot(a, b, acc, input_precision="tf32x3")
     return acc
+
+
+@triton.jit
+def keep_tile_min(acc, e_aux, k0, best, best_idx, IS_COS: tl.constexpr):
+    """Fold one tile of products ``acc [BLOCK_N, BLOCK_K]`` (codes ``k0 ...``) into the running ``best`` score and
+    its ``best_idx`` (int64). ``e_aux``: ``||e||^2`` (l2) or 0 (cos), +inf for codes past K."""
+    if IS_COS:
+        # The score is -(z . e_hat); |z . e_hat| <= ||z|| < 2^126 for every row that is not excluded later.
+        score = e_aux[None, :] - acc
+    else:
+        score = e_aux[None, :] - 2.0 * acc
+    # NaN and -inf become +inf, which never beats the running minimum: a score that is not finite never wins
+    # (and tl.min never sees a NaN, whose place in its reduction tree would decide the result).
+    score = tl.where(score > float("-inf"), score, float("inf"))
+    tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_min < best
+    best = tl.where(better, tile_min, best)
+    best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def finish_rows(best, best_idx, z_aux, IS_COS: tl.constexpr):
+    """The rows' outputs from their best score: ``(index, distance)``. ``z_aux``: ``||z||^2`` in fp32 (l2) or
+    ``1 / max(||z||, eps)``, NaN at or beyond the 2^126 limit (cos)."""
+    if IS_COS:
+        # A row whose norm reaches 2^126 counts as non-finite (its products may have overflowed); a NaN z_inv
+        # from a row holding NaN has no finite score anyway.
+        too_big = z_aux != z_aux
+        best = tl.where(too_big, float("inf"), best)
+        best_idx = tl.where(too_big, 0, best_idx)
+        # cos = (z . e_hat) / max(||z||, eps), with |z . e_hat| <= ||z||.
+        dist = 1.0 + best * z_aux
+    else:
+        dist = z_aux + best
+        # clamp the rounding below 0, but keep a NaN (tl.maximum would turn it into 0, an exact match)
+        dist = tl.where(dist < 0.0, 0.0, dist)
+    # No finite score (a row holding NaN or inf, or every code excluded): index 0 (never moved), distance NaN.
+    dist = tl.where(best < float("inf"), dist, float("nan"))
+    return best_idx, dist
 
 
 @triton.autotune(
@@ -320,33 +377,13 @@ def _nearest_code_fwd_kernel(
         # e_aux = ||e||^2 (l2) or 0 (cos: e is the normalised copy); +inf past K, so padding codes score +inf or
         # NaN (cos: 0 * inf) and never win.
         e_aux = tl.load(e_aux_ptr + offs_k, mask=mask_k, other=float("inf"))
-        if IS_COS:
-            # The score is -(z . e_hat); |z . e_hat| <= ||z|| < 2^126 for every row that is not excluded below.
-            score = e_aux[None, :] - acc
-        else:
-            score = e_aux[None, :] - 2.0 * acc
-        # NaN and -inf become +inf, which never beats the running minimum: a score that is not finite never wins
-        # (and tl.min never sees a NaN, whose place in its reduction tree would decide the result).
-        score = tl.where(score > float("-inf"), score, float("inf"))
-        tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_min < best
-        best = tl.where(better, tile_min, best)
-        best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+        best, best_idx = keep_tile_min(acc, e_aux, k0, best, best_idx, IS_COS)
 
     if IS_COS:
-        # A row whose norm reaches 2^126 counts as non-finite (its products may have overflowed); a NaN z_inv
-        # from a row holding NaN has no finite score anyway.
-        too_big = z_inv != z_inv
-        best = tl.where(too_big, float("inf"), best)
-        best_idx = tl.where(too_big, 0, best_idx)
-        # cos = (z . e_hat) / max(||z||, eps), with |z . e_hat| <= ||z||.
-        dist = 1.0 + best * z_inv
+        z_aux = z_inv
     else:
-        dist = z_sq + best
-        # clamp the rounding below 0, but keep a NaN (tl.maximum would turn it into 0, an exact match)
-        dist = tl.where(dist < 0.0, 0.0, dist)
-    # No finite score (a row holding NaN or inf, or every code excluded): index 0 (never moved), distance NaN.
-    dist = tl.where(best < float("inf"), dist, float("nan"))
+        z_aux = z_sq
+    best_idx, dist = finish_rows(best, best_idx, z_aux, IS_COS)
     tl.store(idx_ptr + offs_n, best_idx, mask=mask_n)
     tl.store(dist_ptr + offs_n, dist, mask=mask_n)
 
@@ -376,7 +413,8 @@ def normalized_codebook(codebook, dtype):
     # Smaller tiles than code_norms: with BLOCK_K=64, BLOCK_D=128 a two-pass kernel like this spilled on sm_90.
     block_k, block_d = _norm_blocks(D, 32, 64)
     _code_normalize_kernel[(triton.cdiv(K, block_k),)](
-        codebook, out, K, D, codebook.stride(0), codebook.stride(1), COS_EPS, BLOCK_K=block_k, BLOCK_D=block_d,
+        codebook, out, K, D, codebook.stride(0), codebook.stride(1), COS_EPS, OUT_BF16=dtype == torch.bfloat16,
+        EMULATE_BF16=_interpret(), BLOCK_K=block_k, BLOCK_D=block_d,
     )
     return out
 
@@ -393,10 +431,17 @@ def nearest_code_fwd(z, codebook, metric="l2", precision="exact", exact_split="t
     fp32 accuracy) or ``"bf16x3"`` (hi/lo bf16 parts, about 16 significant bits,
     twice the tensor-core rate of tf32); bench/nn_search.py reports both.
 
-    ``config`` (a ``triton.Config`` of ``_configs()``) launches that config instead of autotuning (tests).
+    ``precision="fast"`` runs the kernel that ``lgvq_fast._backend.nn_fast_kernel`` picks
+    (``LGVQ_FAST_NN_FAST_KERNEL``).
+    ``config`` (a ``triton.Config`` of ``_configs()``) launches that config of this module's kernel instead of
+    autotuning (tests).
     """
     assert exact_split in ("tf32x3", "bf16x3")
     assert z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1]
+    if precision == "fast" and config is None and nn_fast_kernel(z.device) == "tma":
+        from lgvq_fast.kernels.nearest_code_tma import nearest_code_fast_tma
+
+        return nearest_code_fast_tma(z, codebook, metric)
     N, D = z.shape
     K = codebook.shape[0]
     indices = _alloc.empty((N,), torch.int64, z.device)

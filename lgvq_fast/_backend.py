@@ -37,6 +37,24 @@ def triton_available():
     return triton_import_error() is None
 
 
+NN_FAST_KERNELS = ("auto", "tiles", "tma")
+
+
+def nn_fast_kernel(device):
+    """Which kernels run ``nearest_code(..., precision="fast")``: ``LGVQ_FAST_NN_FAST_KERNEL`` = ``tiles`` (the
+    Triton tile kernel, the CUDA mma.sync kernel), ``tma`` (bf16 copies read through TMA descriptors: Triton's
+    ``nearest_code_tma``, and the CUDA extension's wgmma kernel; sm_90 or newer, or the CPU interpreter) or
+    ``auto`` (default: ``tiles``, until GPU timings of both in ``bench/nn_search.py`` choose)."""
+    choice = os.environ.get("LGVQ_FAST_NN_FAST_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in NN_FAST_KERNELS:
+        raise ValueError(f"LGVQ_FAST_NN_FAST_KERNEL must be one of {NN_FAST_KERNELS}, got {choice!r}")
+    if choice == "tma" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(f"LGVQ_FAST_NN_FAST_KERNEL=tma needs TMA (sm_90 or newer); {name} has none. "
+                           "Unset it or use 'tiles'.")
+    return "tma" if choice == "tma" else "tiles"
+
+
 def triton_interpret():
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return env_flag("TRITON_INTERPRET")

@@ -11,11 +11,13 @@ import importlib
 import torch
 
 from lgvq_fast import _alloc
+from lgvq_fast._backend import nn_fast_kernel
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 METRIC_CODES = {"l2": 0, "cos": 1}
-# "scalar" is a plain fp32 loop on the GPU: an independent check for the tests.
-PRECISION_CODES = {"fast": 0, "exact": 1, "scalar": 2}
+# "scalar" is a plain fp32 loop on the GPU: an independent check for the tests. "fast_tma": fast mode's products
+# through TMA loads and wgmma (sm_90, D <= _C.tma_max_dim()); "fast" runs it when LGVQ_FAST_NN_FAST_KERNEL=tma.
+PRECISION_CODES = {"fast": 0, "exact": 1, "scalar": 2, "fast_tma": 3}
 # As torch.nn.functional.normalize and lgvq_fast.reference.nearest_code.COS_EPS.
 COS_EPS = 1e-12
 
@@ -70,7 +72,10 @@ def nearest_code(z2d, codebook, metric="l2", precision="exact"):
     """``(indices int64 [N], distances fp32 [N])`` for ``z2d [N, D]`` and ``codebook [K, D]`` on one GPU.
 
     ``precision``: "exact" (split-bf16 tensor-core products), "fast" (bf16
-    products) or "scalar" (fp32 FMA loop, for validation).
+    products), "fast_tma" (the same products through TMA loads and wgmma: sm_90,
+    D <= 512; extra memory (N + K) * D64 * 2 bytes with D64 = D rounded up to 64,
+    plus (N + K) floats) or "scalar" (fp32 FMA loop, for validation). "fast" runs
+    "fast_tma" where it can when ``LGVQ_FAST_NN_FAST_KERNEL=tma``.
     """
     op = "nearest_code"
     _check(op, "z", z2d, tuple(DTYPE_CODES), 2)
@@ -90,17 +95,25 @@ def nearest_code(z2d, codebook, metric="l2", precision="exact"):
     stride = _row_stride(op, "z", z2d)
     ext = _ext()
     device = z2d.device
+    if precision == "fast" and nn_fast_kernel(device) == "tma" and ext.nearest_code_tma_supported(D, device.index):
+        precision = "fast_tma"  # beyond tma_max_dim() the mma.sync kernel runs
+    if precision == "fast_tma" and not ext.nearest_code_tma_supported(D, device.index):
+        raise RuntimeError(f"{op}: precision 'fast_tma' needs an sm_90 GPU and D <= {ext.tma_max_dim()}; "
+                           f"{torch.cuda.get_device_name(device)}, D = {D}")
+    tma = precision == "fast_tma"
     cb = codebook.to(torch.float32).contiguous()
-    dp = ext.padded_dim(D)
+    dp = ext.tma_padded_dim(D) if tma else ext.padded_dim(D)
     e_norm2 = torch.empty(K, dtype=torch.float32, device=device)
     e_hi = torch.empty((K, dp), dtype=torch.bfloat16, device=device) if precision != "scalar" else None
     e_lo = torch.empty((K, dp), dtype=torch.bfloat16, device=device) if precision == "exact" else None
+    z_hi = torch.empty((N, dp), dtype=torch.bfloat16, device=device) if tma else None
+    z_aux = torch.empty((N,), dtype=torch.float32, device=device) if tma else None
     indices = _alloc.empty((N,), torch.int64, device)
     distances = _alloc.empty((N,), torch.float32, device)
     ext.nearest_code(
         _ptr(z2d), DTYPE_CODES[z2d.dtype], N, D, stride, _ptr(cb), K, _ptr(e_hi), _ptr(e_lo), _ptr(e_norm2),
         _ptr(indices), _ptr(distances), METRIC_CODES[metric], PRECISION_CODES[precision], COS_EPS,
-        device.index, _stream(device),
+        device.index, _stream(device), _ptr(z_hi), _ptr(z_aux),
     )
     return indices, distances
 

@@ -28,7 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 # Shared memory one block may use, by compute capability (opt-in maximum).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
@@ -38,6 +39,8 @@ TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 
 
 def arg_type(value):
+    if isinstance(value, TensorDescriptor):  # host-built TMA descriptor: "tensordesc<bf16[128, 64]>"
+        return mangle_type(value)
     if isinstance(value, torch.Tensor):
         return "*" + TORCH_TO_TRITON[value.dtype]
     if isinstance(value, bool):
@@ -93,6 +96,7 @@ class Compiler:
         shared = compiled.metadata.shared
         limit = SMEM_LIMIT.get(self.capability)
         usage = self.resource_usage(compiled)
+        usage.update(ptx_features(compiled.asm.get("ptx", "")))
         self.done[key] = dict(shared=shared, **usage)
         extra = "".join(f" {k} {v}" for k, v in usage.items())
         over = limit is not None and shared > limit
@@ -115,6 +119,19 @@ class Compiler:
             if m:
                 usage[key] = int(m.group(1))
         return usage
+
+
+def ptx_features(ptx):
+    """Which tensor-core instruction and which asynchronous loads the PTX uses (only what is present)."""
+    found = {}
+    if "wgmma.mma_async" in ptx:
+        found["mma"] = "wgmma"
+    elif "mma.sync" in ptx:
+        found["mma"] = "mma.sync"
+    loads = [name for name, marker in (("tma", "cp.async.bulk.tensor"), ("cp.async", "cp.async.c")) if marker in ptx]
+    if loads:
+        found["loads"] = "+".join(loads)
+    return found
 
 
 def find_cuobjdump():
@@ -141,6 +158,8 @@ def intercept(compiler, max_configs=None):
         try:
             configs = self.prune_configs(kwargs)
             for config in configs[:max_configs]:
+                if config.pre_hook:  # e.g. descriptor block shapes that follow the config
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
         finally:
             self.nargs = None
@@ -157,7 +176,8 @@ def intercept(compiler, max_configs=None):
 
 def launch_everything(quick):
     """Call every host launcher of lgvq_fast.kernels at the shapes the benchmarks and the model use."""
-    from lgvq_fast.kernels import ema, group_norm, lpips, nearest_code, nearest_code_certified, relation
+    from lgvq_fast.kernels import (ema, group_norm, lpips, nearest_code, nearest_code_certified, nearest_code_tma,
+                                   relation)
 
     g = torch.Generator().manual_seed(0)
     # (N, K, D): the paper shape, the two small-D benchmark shapes, and an odd D (masked, two D tiles).
@@ -170,6 +190,9 @@ def launch_everything(quick):
             for precision, split in (("exact", "tf32x3"), ("exact", "bf16x3"), ("fast", "tf32x3")):
                 nearest_code.nearest_code_fwd(z, cb, metric, precision, split)
         nearest_code.nearest_code_fwd(z.bfloat16(), cb, "l2", "fast")
+        for metric in ("l2", "cos"):  # the TMA fast path, fp32 and TMA-ready bf16 rows
+            nearest_code_tma.nearest_code_fast_tma(z, cb, metric)
+        nearest_code_tma.nearest_code_fast_tma(z.bfloat16(), cb.bfloat16(), "l2")
         nearest_code.nearest_code_fwd(z.half(), cb.half(), "l2", "exact")
         for metric in ("l2", "cos"):  # the kernel only: the float64 steps after it read what it would write
             for split in (False, True):

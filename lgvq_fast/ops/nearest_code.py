@@ -32,7 +32,15 @@ Precision:
   too) disagrees on 4-6 % at similar shapes. The GPU rate at real shapes is
   measured and printed by ``python bench/nn_search.py``. The reported distance
   is that of the chosen code with bf16-rounded products (relative error
-  about 2^-8 of the summed magnitudes).
+  about 2^-8 of the summed magnitudes). ``LGVQ_FAST_NN_FAST_KERNEL`` picks the
+  kernels: ``tiles`` (the default, ``auto``) rounds tiles to bf16 as it loads them
+  (Triton) or stages them per block (CUDA, mma.sync); ``tma`` (sm_90) makes bf16
+  copies of ``z`` and the codebook once per call and reads them through TMA:
+  Triton's ``kernels/nearest_code_tma.py`` (``(N + K) * D * 2`` bytes, D rounded up
+  to 8) and the extension's wgmma kernel ``csrc/nearest_code_sm90.cu`` (D rounded
+  up to 64, D <= 512; beyond it the mma.sync kernel runs). Triton's TMA kernel may
+  compare scores with their last 7 significand bits cleared (its packed
+  reduction, NOTES.md), far below the bf16 rounding.
 
 dtypes: ``z`` and ``codebook`` may be fp32, bf16 or fp16 (mixed is fine); they
 are upcast to fp32 (exact) or rounded to bf16 (fast) inside the kernels.

@@ -43,6 +43,13 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
         for cos in ("IS_COS=False", "IS_COS=True"):
             assert any(f"{cos}, {variant}" in line for line in compiled), f"{cos}, {variant} missing"
     assert any("ONE_D_TILE=True" in line for line in compiled) and any("ONE_D_TILE=False" in line for line in compiled)
+    # the TMA fast path: its operand copies, and a search that loads through TMA and multiplies with wgmma
+    assert any("_bf16_rows_kernel[" in line for line in compiled), "_bf16_rows_kernel was never compiled"
+    tma = [line for line in compiled if "_nearest_code_tma_kernel[" in line]
+    assert tma, f"_nearest_code_tma_kernel was never compiled:\n{out[-4000:]}"
+    assert all("mma wgmma" in line and "loads tma" in line for line in tma), "\n".join(tma)
+    for cos in ("IS_COS=False", "IS_COS=True"):
+        assert any(cos in line for line in tma), f"TMA kernel: {cos} missing"
 
 
 def test_aot_check_reports_a_kernel_that_does_not_compile(tmp_path):
