@@ -41,6 +41,7 @@ constexpr int kStages = 4;         // code buffers in flight
 constexpr int kThreads = 384;      // producer warpgroup + 2 consumer warpgroups
 constexpr int kMaxDim = 512;       // z tile (128 KiB) + code ring (64 KiB) within 227 KiB
 constexpr int kChunkBytes = kCodes * kChunk * 2;  // one code buffer, and one 64-dim slab of the z tile
+static_assert(kRows == kCodes, "a z slab and a code buffer share kChunkBytes");
 constexpr int kPrepWarps = 4;
 
 size_t smem_bytes(int dp) {
