@@ -8,7 +8,8 @@
 # runs under min(its own limit, what is left of the budget), a stage with under 20 s left is skipped and
 # reported, and the summary always prints. Exits non-zero if any stage failed or was skipped.
 # On an offline GPU machine, wheels downloaded beforehand into .whl/ are installed first (bench/_stages.sh).
-# GPU_CHECK_SKIP="train_step" (names separated by spaces) leaves those stages out, e.g. one another script covers.
+# GPU_CHECK_SKIP="train_step" (names separated by spaces) leaves those stages out, e.g. one another script covers;
+# ONLY="build import gpu-tests nn_search" runs just those (bench/_stages.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/results}"
@@ -45,7 +46,9 @@ XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider tests/
 stage train_step 90 python3 bench/train_step.py
-stage nn_search 120 python3 bench/nn_search.py
+# NN_SEARCH_ARGS narrows it for a short session, e.g. "--only fast,flash --shapes 65536x16384x256,16384x131072x256"
+# shellcheck disable=SC2086
+stage nn_search 120 python3 bench/nn_search.py ${NN_SEARCH_ARGS:-}
 stage ema 45 python3 bench/ema.py
 stage ema_skew 30 python3 bench/ema.py --skew
 stage quantizer 60 python3 bench/quantizer.py

@@ -204,7 +204,7 @@ def candidates(z, codebook, metric, device):
     return rows
 
 
-def bench_shape(shape, metric, device, truth_rows, peak=None):
+def bench_shape(shape, metric, device, truth_rows, peak=None, only=None):
     N, K, D = shape
     gen = torch.Generator(device="cpu").manual_seed(N * 31 + K * 7 + D)
     z = torch.randn(N, D, generator=gen).to(device)
@@ -214,6 +214,8 @@ def bench_shape(shape, metric, device, truth_rows, peak=None):
     flops = 2.0 * N * K * D
     results, base_ms = [], None
     for name, fn, exact, need in candidates(z, codebook, metric, device):
+        if only is not None and name != BASELINE and not any(part in name for part in only):
+            continue
         row = {"shape": f"{N}x{K}x{D}", "impl": name, "metric": metric}
         if need > 0.8 * free_memory_bytes(device):
             row.update(ms="skipped", note=f"needs ~{fmt_bytes(need)}, over 80% of free memory")
@@ -268,6 +270,8 @@ def main(argv=None):
     parser.add_argument("--metric", choices=("l2", "cos"), default="l2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--truth-rows", type=int, default=4096, help="rows checked against float64")
+    parser.add_argument("--only", help="comma-separated parts of row names to keep (e.g. 'fast,flash'); the "
+                        f"baseline ({BASELINE}) always runs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -278,9 +282,10 @@ def main(argv=None):
     peak = peak_bf16_tflops(device)
     if peak is not None:
         print(f"bf16 peak measured here: {peak:.0f} TFLOP/s (best of 5 8192^3 products)")
-    extra = {"metric": args.metric, "truth_rows": args.truth_rows, "peak_bf16_tflops": peak}
+    extra = {"metric": args.metric, "truth_rows": args.truth_rows, "peak_bf16_tflops": peak, "only": args.only}
+    only = [part.strip() for part in args.only.split(",") if part.strip()] if args.only else None
     for i, shape in enumerate(shapes):
-        rows.extend(bench_shape(shape, args.metric, device, args.truth_rows, peak))
+        rows.extend(bench_shape(shape, args.metric, device, args.truth_rows, peak, only))
         path = write_results("nn_search", device, rows, extra={**extra, "complete": i == len(shapes) - 1})
         print(f"{shape}: {len(rows)} rows so far, written to {path}", flush=True)
     columns = [
