@@ -162,7 +162,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("device"), py::arg("stream"));
   m.def("padded_dim", &lgvq::padded_dim, py::arg("d"), "Row length (multiple of 16) of the bf16 codebook workspaces.");
   m.def("tma_padded_dim", &lgvq::tma_padded_dim, py::arg("d"),
-        "Row length (multiple of 64) of the bf16 workspaces of algo 3 (fast_tma).");
+        "Row length (16, 32 or a multiple of 64) of the bf16 workspaces of algo 3 (fast_tma).");
   m.def("tma_max_dim", &lgvq::tma_max_dim, "The largest d algo 3 (fast_tma) takes.");
   m.def("nearest_code_tma_supported", &tma_supported_py, py::arg("d"), py::arg("device"),
         "Whether algo 3 (fast_tma) runs for this d on `device` (compute capability 9.0; needs a GPU).");

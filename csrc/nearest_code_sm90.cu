@@ -11,18 +11,20 @@
 // counterpart. Written directly it is ~300 lines with no build dependency and compiles in seconds, where a
 // CuTe sm90 collective adds the CUTLASS headers to the build and minutes to CI's compile.
 //
-// Layout. Both operands are bf16 copies with rows padded to dp = D rounded up to 64 (prep kernel below): z
-// [n, dp] and the codebook [k, dp]. One block owns 128 rows of z and walks every code tile:
-//  - warpgroup 0, one thread: the producer. It loads the block's whole z tile once (dp / 64 TMA boxes of
-//    64 dims x 128 rows), then code tiles of 64 dims x 128 codes into a ring of kStages buffers, each guarded
-//    by a "full" mbarrier (transaction bytes) and an "empty" one (the consumers' release).
-//  - warpgroups 1 and 2: consumers, 64 rows each. Per code tile and 64-dim chunk: four wgmma k16 steps
-//    accumulate into 64 fp32 registers per thread; after the tile's last chunk each thread folds its
-//    registers into a running (score, index) for its two rows. Codes arrive in increasing order, so a strict
-//    < keeps the lowest index; the four threads sharing a row merge at the end.
-// Shared memory: 128 x dp x 2 bytes of z (64 KiB at D = 256) + kStages x 16 KiB of codes; D <= 512.
-// TMA boxes use the 128-byte swizzle (64 bf16 per row of a box), which the wgmma descriptors name; rows and
-// codes past the tensor ends arrive as zeros, and codes past k score +inf through c_k.
+// Layout. Both operands are bf16 copies with rows padded to dp (prep kernel below): D rounded up to 16 or 32
+// when D <= 16 or 32, else to a multiple of 64; z [n, dp] and the codebook [k, dp]. They are read in chunks of
+// CHUNK = min(dp, 64) dims, each a TMA box of CHUNK dims x 128 rows in the swizzle of its row width (32, 64 or
+// 128 bytes), which the wgmma descriptors name. One block owns 128 rows of z and walks every code tile:
+//  - warpgroup 0, one thread: the producer. It loads the block's whole z tile once (dp / CHUNK boxes), then
+//    code chunks into a ring of kStages buffers, each guarded by a "full" mbarrier (transaction bytes) and an
+//    "empty" one (the consumers' release).
+//  - warpgroups 1 and 2: consumers, 64 rows each. Per code tile and chunk: CHUNK / 16 wgmma k16 steps
+//    accumulate into 64 fp32 registers per thread, one chunk's group left in flight while the next buffer is
+//    awaited; after the tile's last chunk each thread folds its registers into a running (score, index) for
+//    its two rows. Codes arrive in increasing order, so a strict < keeps the lowest index; the four threads
+//    sharing a row merge at the end. While one consumer warpgroup reduces, the other's products run.
+// Shared memory: 128 x dp x 2 bytes of z (64 KiB at D = 256) + kStages x 128 x CHUNK x 2 bytes of codes;
+// D <= 512. Rows and codes past the tensor ends arrive as zeros; codes past k score +inf through c_k.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -36,17 +38,25 @@ namespace {
 
 constexpr int kRows = 128;         // rows of z per block: two consumer warpgroups of 64
 constexpr int kCodes = 128;        // codes per tile: the wgmma n
-constexpr int kChunk = 64;         // dims per TMA box and per wgmma group: 128 bytes, one swizzle atom
 constexpr int kStages = 4;         // code buffers in flight
 constexpr int kThreads = 384;      // producer warpgroup + 2 consumer warpgroups
 constexpr int kMaxDim = 512;       // z tile (128 KiB) + code ring (64 KiB) within 227 KiB
-constexpr int kChunkBytes = kCodes * kChunk * 2;  // one code buffer, and one 64-dim slab of the z tile
-static_assert(kRows == kCodes, "a z slab and a code buffer share kChunkBytes");
 constexpr int kPrepWarps = 4;
+static_assert(kRows == kCodes, "a z slab and a code buffer have one size");
 
-size_t smem_bytes(int dp) {
-  // tiles, 2 kStages + 1 barriers, and slack to align the tiles to 1024 bytes (the 128B swizzle's period)
-  return static_cast<size_t>(kRows) * dp * 2 + static_cast<size_t>(kStages) * kChunkBytes + 1024 + 256;
+// Dims per TMA box and per group of wgmma k16 steps: 16, 32 or 64 (32, 64 or 128 bytes per row, each with the
+// swizzle of that width). D <= 16 and D <= 32 take one narrow chunk, so small D does not pay for 64-wide
+// products; wider D is padded to a multiple of 64.
+int chunk_for(int64_t d) { return d <= 16 ? 16 : d <= 32 ? 32 : 64; }
+
+int64_t padded_for(int64_t d) {
+  const int c = chunk_for(d);
+  return (d + c - 1) / c * c;
+}
+
+size_t smem_bytes(int dp, int chunk) {
+  // z tile, kStages code buffers, 2 kStages + 1 barriers, and slack to align the tiles to 1024 bytes
+  return static_cast<size_t>(kRows) * dp * 2 + static_cast<size_t>(kStages) * kCodes * chunk * 2 + 1024 + 256;
 }
 
 // One warp per row: the row's fp32 auxiliary value (l2: ||x||^2; cos: 1 / max(||x||, eps), NaN at or beyond
@@ -114,12 +124,16 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       : "memory");
 }
 
-// wgmma shared-memory descriptor of a K-major bf16 tile in the 128-byte swizzle: start address, leading byte
-// offset 16 (unused by this swizzle, by convention 1 in 16-byte units), stride byte offset 1024 (8 rows of
-// 128 bytes), swizzle mode 1 (128B) in bits 62-63. Addresses in 16-byte units, 14 bits each.
+// wgmma shared-memory descriptor of a K-major bf16 tile whose rows are CHUNK elements (2 CHUNK bytes) in the
+// swizzle of that width: start address, leading byte offset 16 (unused by the swizzled K-major layouts, by
+// convention 1 in 16-byte units), stride byte offset = 8 rows (the swizzle pattern's period), and the swizzle
+// mode in bits 62-63 (1: 128B, 2: 64B, 3: 32B). Addresses and offsets in 16-byte units, 14 bits each.
+template <int CHUNK>
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  constexpr uint64_t kMode = CHUNK == 64 ? 1 : CHUNK == 32 ? 2 : 3;
+  constexpr uint64_t kStride = 8 * CHUNK * 2;
   const uint64_t addr = smem_u32(p);
-  return ((addr & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) | ((kStride >> 4) << 32) | (kMode << 62);
 }
 
 // d[64] (+)= A[64 x 16] . B[128 x 16]^T, both from shared memory; scale_d = 0 overwrites d.
@@ -147,25 +161,27 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
 }
 #endif  // LGVQ_SM90A
 
+template <int CHUNK>
 __global__ void __launch_bounds__(kThreads, 1) _nearest_code_wgmma_kernel(
     const __grid_constant__ CUtensorMap z_map, const __grid_constant__ CUtensorMap e_map, int64_t n_rows, int dp,
     int k_codes, int metric, const float* __restrict__ z_aux, const float* __restrict__ e_aux,
     int64_t* __restrict__ indices, float* __restrict__ distances) {
 #ifdef LGVQ_SM90A
+  constexpr int kSlab = kRows * CHUNK * 2;  // one CHUNK-dim slab of the z tile, and one code buffer
   extern __shared__ unsigned char smem_raw[];
-  // Tiles aligned to 1024 bytes: the 128B swizzle pattern repeats every 8 rows of 128 bytes, and the
-  // descriptors' addressing assumes the tile starts on that period.
+  // Tiles aligned to 1024 bytes, a multiple of every swizzle pattern's period (8 rows): the descriptors'
+  // addressing assumes a tile starts on it.
   const uint32_t raw = smem_u32(smem_raw);
   unsigned char* base = smem_raw + (((raw + 1023) & ~1023u) - raw);
-  unsigned char* z_tile = base;                                  // nchunk slabs of [128 rows][64 dims]
-  unsigned char* e_ring = z_tile + static_cast<size_t>(kRows) * dp * 2;  // kStages x [128 codes][64 dims]
-  uint64_t* full = reinterpret_cast<uint64_t*>(e_ring + kStages * kChunkBytes);
+  unsigned char* z_tile = base;                                         // nchunk slabs of [128 rows][CHUNK]
+  unsigned char* e_ring = z_tile + static_cast<size_t>(kRows) * dp * 2;  // kStages x [128 codes][CHUNK]
+  uint64_t* full = reinterpret_cast<uint64_t*>(e_ring + kStages * kSlab);
   uint64_t* empty = full + kStages;
   uint64_t* z_full = empty + kStages;
 
   const int tid = threadIdx.x;
   const int group = tid / 128;  // 0: producer, 1-2: consumers
-  const int nchunk = dp / kChunk;
+  const int nchunk = dp / CHUNK;
   const int ntiles = (k_codes + kCodes - 1) / kCodes;
   const int total = ntiles * nchunk;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -184,15 +200,15 @@ __global__ void __launch_bounds__(kThreads, 1) _nearest_code_wgmma_kernel(
     if (tid != 0) return;
     mbar_expect_tx(z_full, static_cast<uint32_t>(kRows) * dp * 2);
     for (int c = 0; c < nchunk; ++c) {
-      tma_load(z_tile + c * kChunkBytes, &z_map, c * kChunk, static_cast<int>(row0), z_full);
+      tma_load(z_tile + c * kSlab, &z_map, c * CHUNK, static_cast<int>(row0), z_full);
     }
     for (int it = 0; it < total; ++it) {
       const int s = it % kStages;
       if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
       const int t = it / nchunk;
       const int c = it - t * nchunk;
-      mbar_expect_tx(&full[s], kChunkBytes);
-      tma_load(e_ring + s * kChunkBytes, &e_map, c * kChunk, t * kCodes, &full[s]);
+      mbar_expect_tx(&full[s], kSlab);
+      tma_load(e_ring + s * kSlab, &e_map, c * CHUNK, t * kCodes, &full[s]);
     }
     return;
   }
@@ -208,39 +224,44 @@ __global__ void __launch_bounds__(kThreads, 1) _nearest_code_wgmma_kernel(
   float best_v[2] = {pos_inf(), pos_inf()};
   int best_i[2] = {0, 0};
   mbar_wait(z_full, 0);
-  for (int it = 0; it < total; ++it) {
-    const int s = it % kStages;
-    const int t = it / nchunk;
-    const int c = it - t * nchunk;
-    mbar_wait(&full[s], (it / kStages) & 1);
-    const unsigned char* a_tile = z_tile + c * kChunkBytes + w * 64 * 128;  // 64 rows x 128 bytes
-    const unsigned char* b_tile = e_ring + s * kChunkBytes;
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  int it = 0;
+  for (int t = 0; t < ntiles; ++t) {
+    int prev = 0;  // the buffer of the previous chunk, released once its products are done
+    for (int c = 0; c < nchunk; ++c, ++it) {
+      const int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const unsigned char* a_tile = z_tile + c * kSlab + w * 64 * CHUNK * 2;  // this warpgroup's 64 rows
+      const unsigned char* b_tile = e_ring + s * kSlab;
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int ks = 0; ks < kChunk / 16; ++ks) {
-      // k16 step: 32 bytes further along each row, inside the swizzle atom
-      wgmma_m64n128k16(acc, smem_desc(a_tile + ks * 32), smem_desc(b_tile + ks * 32), (c > 0 || ks > 0) ? 1 : 0);
+      for (int ks = 0; ks < CHUNK / 16; ++ks) {
+        // k16 step: 32 bytes further along each row, inside the swizzle atom
+        wgmma_m64n128k16(acc, smem_desc<CHUNK>(a_tile + ks * 32), smem_desc<CHUNK>(b_tile + ks * 32),
+                         (c > 0 || ks > 0) ? 1 : 0);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      // This chunk's group stays in flight while the next buffer is awaited; the previous one is done.
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+      if (c > 0) mbar_arrive(&empty[prev]);
+      prev = s;
     }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    mbar_arrive(&empty[s]);
-    if (c == nchunk - 1) {
-      // acc[4 j + 2 h + q]: row g + 8 h of this warp's 16, code 8 j + 2 tig + q of the tile
-      const int k0 = t * kCodes;
+    mbar_arrive(&empty[prev]);
+    // acc[4 j + 2 h + q]: row g + 8 h of this warp's 16, code 8 j + 2 tig + q of the tile
+    const int k0 = t * kCodes;
 #pragma unroll
-      for (int j = 0; j < kCodes / 8; ++j) {
+    for (int j = 0; j < kCodes / 8; ++j) {
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int code = k0 + j * 8 + tig * 2 + q;
-          // Codes past k_codes score +inf and never win (TMA filled them with zeros).
-          const float ck = code < k_codes ? (metric == kL2 ? __ldg(e_aux + code) : 0.f) : pos_inf();
+      for (int q = 0; q < 2; ++q) {
+        const int code = k0 + j * 8 + tig * 2 + q;
+        // Codes past k_codes score +inf and never win (TMA filled them with zeros).
+        const float ck = code < k_codes ? (metric == kL2 ? __ldg(e_aux + code) : 0.f) : pos_inf();
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float sc = ck - 2.f * acc[4 * j + 2 * h + q];
-            if (wins(sc, best_v[h])) {
-              best_v[h] = sc;
-              best_i[h] = code;
-            }
+        for (int h = 0; h < 2; ++h) {
+          const float sc = ck - 2.f * acc[4 * j + 2 * h + q];
+          if (wins(sc, best_v[h])) {
+            best_v[h] = sc;
+            best_i[h] = code;
           }
         }
       }
@@ -288,21 +309,38 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A [rows, dp] bf16 row-major tensor read in boxes of 64 dims x 128 rows, 128-byte swizzle, zeros past the end.
-CUtensorMap tensor_map(const void* ptr, int64_t rows, int dp) {
+// A [rows, dp] bf16 row-major tensor read in boxes of `chunk` dims x 128 rows, in the swizzle as wide as a box
+// row (32, 64 or 128 bytes), zeros past the end.
+CUtensorMap tensor_map(const void* ptr, int64_t rows, int dp, int chunk) {
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(dp), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(dp) * 2};
-  const cuuint32_t box[2] = {kChunk, kRows};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(chunk), kRows};
   const cuuint32_t elem_strides[2] = {1, 1};
+  const CUtensorMapSwizzle swizzle = chunk == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : chunk == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                   : CU_TENSOR_MAP_SWIZZLE_32B;
   const CUresult r = tensor_map_encoder()(
       &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     throw std::runtime_error("lgvq_fast._C: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(r));
   }
   return map;
+}
+
+template <int CHUNK>
+void launch_search_sm90(const NearestArgs& a, int dp, cudaStream_t stream) {
+  const CUtensorMap z_map = tensor_map(a.z_hi, a.n, dp, CHUNK);
+  const CUtensorMap e_map = tensor_map(a.e_hi, a.k, dp, CHUNK);
+  const size_t smem = smem_bytes(dp, CHUNK);
+  check_cuda(cudaFuncSetAttribute(_nearest_code_wgmma_kernel<CHUNK>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  const int64_t blocks = (a.n + kRows - 1) / kRows;
+  _nearest_code_wgmma_kernel<CHUNK><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      z_map, e_map, a.n, dp, static_cast<int>(a.k), a.metric, a.z_aux, a.e_norm2, a.indices, a.distances);
+  check_launch("_nearest_code_wgmma_kernel");
 }
 
 template <typename T>
@@ -316,18 +354,21 @@ void launch_rows_prep(const T* x, int64_t rows, int d, int64_t stride, int dp, i
 
 }  // namespace
 
-int64_t tma_padded_dim(int64_t d) { return (d + kChunk - 1) / kChunk * kChunk; }
+int64_t tma_padded_dim(int64_t d) { return padded_for(d); }
 
 int64_t tma_max_dim() { return kMaxDim; }
 
 bool nearest_code_tma_supported(int64_t d, int device) {
   use_device(device);
-  int major = 0;
+  int major = 0, minor = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
              "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
   // sm_90a machine code runs on compute capability 9.0 only
-  return major == 9 && d <= kMaxDim &&
-         smem_bytes(static_cast<int>(tma_padded_dim(d))) <= static_cast<size_t>(max_shared_per_block(device));
+  return major == 9 && minor == 0 && d <= kMaxDim &&
+         smem_bytes(static_cast<int>(padded_for(d)), chunk_for(d)) <=
+             static_cast<size_t>(max_shared_per_block(device));
 }
 
 void nearest_code_sm90(const NearestArgs& a) {
@@ -337,8 +378,7 @@ void nearest_code_sm90(const NearestArgs& a) {
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   const int d = static_cast<int>(a.d);
-  const int dp = static_cast<int>(tma_padded_dim(a.d));
-  const int k = static_cast<int>(a.k);
+  const int dp = static_cast<int>(padded_for(a.d));
   auto* z_hi = static_cast<__nv_bfloat16*>(a.z_hi);
   auto* e_hi = static_cast<__nv_bfloat16*>(a.e_hi);
   launch_rows_prep(a.codebook, a.k, d, a.d, dp, a.metric, a.eps, e_hi, a.e_norm2, stream);
@@ -356,16 +396,11 @@ void nearest_code_sm90(const NearestArgs& a) {
                        stream);
       break;
   }
-  const CUtensorMap z_map = tensor_map(z_hi, a.n, dp);
-  const CUtensorMap e_map = tensor_map(e_hi, a.k, dp);
-  const size_t smem = smem_bytes(dp);
-  check_cuda(cudaFuncSetAttribute(_nearest_code_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  const int64_t blocks = (a.n + kRows - 1) / kRows;
-  _nearest_code_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-      z_map, e_map, a.n, dp, k, a.metric, a.z_aux, a.e_norm2, a.indices, a.distances);
-  check_launch("_nearest_code_wgmma_kernel");
+  switch (chunk_for(a.d)) {
+    case 16: launch_search_sm90<16>(a, dp, stream); break;
+    case 32: launch_search_sm90<32>(a, dp, stream); break;
+    default: launch_search_sm90<64>(a, dp, stream); break;
+  }
 }
 
 }  // namespace lgvq

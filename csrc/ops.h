@@ -60,8 +60,8 @@ struct EmaArgs {
 
 int64_t padded_dim(int64_t d);
 void nearest_code(const NearestArgs& args);
-// kFastTma (nearest_code_sm90.cu): row length (multiple of 64) of its bf16 workspaces, the largest d it
-// takes, whether `device` runs it (compute capability 9.0, d within the limit), and the search itself.
+// kFastTma (nearest_code_sm90.cu): row length (16, 32 or a multiple of 64) of its bf16 workspaces, the
+// largest d it takes, whether `device` runs it (compute capability 9.0, d within the limit), the search.
 int64_t tma_padded_dim(int64_t d);
 int64_t tma_max_dim();
 bool nearest_code_tma_supported(int64_t d, int device);

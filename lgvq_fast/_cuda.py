@@ -73,9 +73,10 @@ def nearest_code(z2d, codebook, metric="l2", precision="exact"):
 
     ``precision``: "exact" (split-bf16 tensor-core products), "fast" (bf16
     products), "fast_tma" (the same products through TMA loads and wgmma: sm_90,
-    D <= 512; extra memory (N + K) * D64 * 2 bytes with D64 = D rounded up to 64,
-    plus (N + K) floats) or "scalar" (fp32 FMA loop, for validation). "fast" runs
-    "fast_tma" where it can when ``LGVQ_FAST_NN_FAST_KERNEL=tma``.
+    D <= 512; extra memory (N + K) * Dp * 2 bytes, Dp = ``_C.tma_padded_dim(D)``
+    (16, 32, or D rounded up to 64), plus (N + K) floats) or "scalar" (fp32 FMA
+    loop, for validation). "fast" runs "fast_tma" where it can when
+    ``LGVQ_FAST_NN_FAST_KERNEL=tma``.
     """
     op = "nearest_code"
     _check(op, "z", z2d, tuple(DTYPE_CODES), 2)

@@ -37,8 +37,8 @@ Precision:
   (Triton) or stages them per block (CUDA, mma.sync); ``tma`` (sm_90) makes bf16
   copies of ``z`` and the codebook once per call and reads them through TMA:
   Triton's ``kernels/nearest_code_tma.py`` (``(N + K) * D * 2`` bytes, D rounded up
-  to 8) and the extension's wgmma kernel ``csrc/nearest_code_sm90.cu`` (D rounded
-  up to 64, D <= 512; beyond it the mma.sync kernel runs). Triton's TMA kernel may
+  to 8) and the extension's wgmma kernel ``csrc/nearest_code_sm90.cu`` (D padded
+  to 16, 32 or a multiple of 64, D <= 512; beyond it the mma.sync kernel runs). Triton's TMA kernel may
   compare scores with their last 7 significand bits cleared (its packed
   reduction, NOTES.md), far below the bf16 rounding.
 

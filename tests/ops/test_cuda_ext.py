@@ -170,6 +170,15 @@ def test_extension_nearest_code_checks_arguments(bad, name):
 
 
 @needs_ext
+def test_extension_tma_workspace_rows():
+    """algo 3 (fast_tma) pads rows to one 16- or 32-wide chunk for small D, else to 64-wide chunks, up to 512."""
+    ext = _ext()
+    want = {1: 16, 8: 16, 16: 16, 17: 32, 32: 32, 33: 64, 64: 64, 77: 128, 256: 256, 300: 320, 512: 512}
+    assert {d: ext.tma_padded_dim(d) for d in want} == want
+    assert ext.tma_max_dim() == 512 and ext.ALGO_CODES["fast_tma"] == 3
+
+
+@needs_ext
 def test_extension_ema_checks_arguments():
     ext = _ext()
     args = dict(cluster_size=4096, embed_avg=8192, embed=16384, embed_dtype=0, k=5, d=8, z=32768, z_dtype=1, n=10,
