@@ -44,7 +44,9 @@ fi
 # Kernel compiles dominate the first GPU test run: spread them over 4 pytest-xdist workers when it is there.
 XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
-stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider tests/
+# GPU_TESTS narrows the GPU tests for a short session, e.g. "tests/ops/test_nearest_code_tma.py tests/ops/test_nearest_code.py"
+# shellcheck disable=SC2086
+stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider ${GPU_TESTS:-tests/}
 stage train_step 90 python3 bench/train_step.py
 # NN_SEARCH_ARGS narrows it for a short session, e.g. "--only fast,flash --shapes 65536x16384x256,16384x131072x256"
 # shellcheck disable=SC2086
