@@ -22,8 +22,12 @@ the codebook tiles of a 16-bit input with D in one tile are not pipelined. Here:
 The results are those of the tile kernel's fast mode (same bf16 operand rounding, fp32 norms), up to the
 order of the fp32 accumulation. Which of the two is faster on a card is for ``bench/nn_search.py`` to say:
 ``LGVQ_FAST_NN_FAST_KERNEL=tma`` selects this one for ``precision="fast"`` on sm_90 and newer (``auto`` keeps
-the tile kernel until GPU timings pick the default; ``lgvq_fast._backend.nn_fast_kernel``). In the CPU interpreter, which multiplies bf16 tiles as
-raw bit patterns, the tiles are widened to fp32 before ``tl.dot`` (the same products, exactly).
+the tile kernel until GPU timings pick the default; ``lgvq_fast._backend.nn_fast_kernel``). In the CPU
+interpreter, which multiplies bf16 tiles as raw bit patterns, the tiles are widened to fp32 before ``tl.dot``
+(the same products, exactly), and the copies round to bf16 on the bits (``nearest_code.to_bf16``).
+
+The tile reduction comes in two forms, both timed by the autotuner: ``keep_tile_min`` (value and index pairs,
+as the tile kernel) and ``_keep_tile_min_packed`` (one unsigned key per score; NOTES.md).
 """
 import torch
 import triton
