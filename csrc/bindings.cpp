@@ -60,6 +60,7 @@ void nearest_code_py(std::uintptr_t z, int z_dtype, int64_t n, int64_t d, int64_
   const bool tma = algo == lgvq::kFastTma;
   require(!tma || d <= lgvq::tma_max_dim(), op,
           "algo 3 (fast_tma) takes d <= " + num(lgvq::tma_max_dim()) + ", got " + num(d));
+  require(!tma || n <= kMaxInt, op, "algo 3 (fast_tma) takes n < 2^31 (TMA coordinates), got " + num(n));
   check_common(op, device, stream, eps);
   const bool empty = n == 0;
   check_ptr(op, "z", z, zsize, empty);

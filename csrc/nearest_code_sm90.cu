@@ -136,6 +136,13 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   return ((addr & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) | ((kStride >> 4) << 32) | (kMode << 62);
 }
 
+// An empty asm that "reads and writes" every accumulator register: the compiler may not move an access to
+// them across it, so reads of the accumulators stay after the wgmma.wait_group that completes them.
+__device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 // d[64] (+)= A[64 x 16] . B[128 x 16]^T, both from shared memory; scale_d = 0 overwrites d.
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
   asm volatile(
@@ -232,6 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) _nearest_code_wgmma_kernel(
       mbar_wait(&full[s], (it / kStages) & 1);
       const unsigned char* a_tile = z_tile + c * kSlab + w * 64 * CHUNK * 2;  // this warpgroup's 64 rows
       const unsigned char* b_tile = e_ring + s * kSlab;
+      fence_accumulators(acc);
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
       for (int ks = 0; ks < CHUNK / 16; ++ks) {
@@ -242,10 +250,12 @@ __global__ void __launch_bounds__(kThreads, 1) _nearest_code_wgmma_kernel(
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       // This chunk's group stays in flight while the next buffer is awaited; the previous one is done.
       asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+      fence_accumulators(acc);
       if (c > 0) mbar_arrive(&empty[prev]);
       prev = s;
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_accumulators(acc);
     mbar_arrive(&empty[prev]);
     // acc[4 j + 2 h + q]: row g + 8 h of this warp's 16, code 8 j + 2 tig + q of the tile
     const int k0 = t * kCodes;
@@ -375,6 +385,11 @@ void nearest_code_sm90(const NearestArgs& a) {
   if (!nearest_code_tma_supported(a.d, a.device)) {
     throw std::runtime_error("lgvq_fast._C: the TMA/wgmma search needs an sm_90 GPU and d <= " +
                              std::to_string(kMaxDim) + ", got d = " + std::to_string(a.d));
+  }
+  // TMA coordinates are signed 32-bit
+  if (a.n > INT32_MAX || a.k > INT32_MAX) {
+    throw std::runtime_error("lgvq_fast._C: the TMA/wgmma search takes n, k < 2^31, got n = " +
+                             std::to_string(a.n) + ", k = " + std::to_string(a.k));
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   const int d = static_cast<int>(a.d);

@@ -96,8 +96,9 @@ def nearest_code(z2d, codebook, metric="l2", precision="exact"):
     stride = _row_stride(op, "z", z2d)
     ext = _ext()
     device = z2d.device
-    if precision == "fast" and nn_fast_kernel(device) == "tma" and ext.nearest_code_tma_supported(D, device.index):
-        precision = "fast_tma"  # beyond tma_max_dim() the mma.sync kernel runs
+    if (precision == "fast" and nn_fast_kernel(device) == "tma" and N < 2**31
+            and ext.nearest_code_tma_supported(D, device.index)):
+        precision = "fast_tma"  # beyond tma_max_dim() (or 2^31 rows) the mma.sync kernel runs
     if precision == "fast_tma" and not ext.nearest_code_tma_supported(D, device.index):
         raise RuntimeError(f"{op}: precision 'fast_tma' needs an sm_90 GPU and D <= {ext.tma_max_dim()}; "
                            f"{torch.cuda.get_device_name(device)}, D = {D}")

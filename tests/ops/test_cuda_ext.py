@@ -159,6 +159,7 @@ def _nearest_args(**over):
         (dict(indices=0), "indices is a null pointer"),
         (dict(algo=3, e_lo=0, d=513, z_row_stride=513), "algo 3 \\(fast_tma\\) takes d <= 512"),
         (dict(algo=3, e_lo=0), "z_hi is a null pointer"),
+        (dict(algo=3, e_lo=0, n=2**31, z_hi=65536 * 8, z_aux=8), "n < 2\\^31"),
         (dict(algo=3, e_lo=0, z_hi=65540, z_aux=8), "z_hi must be 16-byte aligned"),
         (dict(algo=3, e_lo=0, z_hi=65536 * 8), "z_aux is a null pointer"),
     ],
