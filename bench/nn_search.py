@@ -16,7 +16,8 @@ Rows per shape (N rows of z, K codes, D dims; random normal inputs):
   its bf16 copies of z and the codebook counted in.
   triton exact certified: one fp16 pass that proves most rows, a split-fp16 pass over the rest, float64 over
   listed candidates, then over every code for what is left (``kernels/nearest_code_certified.py``);
-  ``split_pct``, ``candidate_pct`` and ``rescored_pct`` are the shares of rows each step took.
+  ``split_pct``, ``candidate_pct`` and ``rescored_pct`` are the shares of rows each step took; "... tma"
+  (sm_90+): the same passes reading their fp16 operands through TMA descriptors.
 - flash-kmeans (fp16 inputs): its FlashAssign kernels, when installed (a GPU only).
 - vector-quantize-pytorch: ``VectorQuantize`` forward in eval mode, when installed.
 
@@ -173,7 +174,11 @@ def candidates(z, codebook, metric, device):
         from lgvq_fast.kernels.nearest_code import nearest_code_fwd
         from lgvq_fast.kernels.nearest_code_certified import nearest_code_certified
 
-        rows.append((CERTIFIED, lambda: nearest_code_certified(z, codebook, metric, stats=_CERT_STATS), True, 0))
+        rows.append((CERTIFIED, lambda: nearest_code_certified(z, codebook, metric, stats=_CERT_STATS, tma=False),
+                     True, 0))
+        if torch.cuda.get_device_capability(device)[0] >= 9:
+            rows.append((CERTIFIED + " tma", lambda: nearest_code_certified(z, codebook, metric, stats=_CERT_STATS,
+                                                                            tma=True), True, 0))
 
         rows.append(("triton fast (bf16 inputs)", lambda: nearest_code_fwd(zb, eb, metric, "fast"), False, 0))
         if torch.cuda.get_device_capability(device)[0] >= 9:
@@ -224,7 +229,7 @@ def bench_shape(shape, metric, device, truth_rows, peak=None, only=None):
         with TF32(name.endswith("+tf32")):
             indices = fn()[0]
             mismatch = ref.tie_aware_mismatch(z[:S], codebook, indices[:S], metric, truth=truth)
-            if name == CERTIFIED:
+            if name.startswith(CERTIFIED):
                 rescored, split = int(_CERT_STATS["rescored"]), int(_CERT_STATS["split_rows"])
                 listed = int(_CERT_STATS["candidate_rows"])
                 row.update(rescored_rows=rescored, rescored_pct=f"{100 * rescored / max(N, 1):.2f}%",

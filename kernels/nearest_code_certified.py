@@ -33,6 +33,9 @@ The result is the float64 argmin except where float64 itself ties (within its ow
 depend on tile order, config or backend. Extra memory: fp16 copies of ``z`` and the codebook (2 (N + K) D
 bytes), a few fp32 vectors, and the float64 temporaries of steps 1 and 4 (chunked over rows).
 
+With ``LGVQ_FAST_NN_FAST_KERNEL=tma`` (or ``tma=True``) the passes read the fp16 operands through TMA
+descriptors (rows of D rounded up to 8), as the fast mode's ``nearest_code_tma``; the arithmetic is the same.
+
 Status: a CPU-tested candidate for the exact mode (Triton interpreter). Steps 3 to 5 compact rows with
 ``torch.nonzero``, a device sync, so this path cannot run inside a captured CUDA graph, and its GPU speed
 is unmeasured; ``bench/nn_search.py`` reports it with the fraction of rows re-scored.
@@ -41,9 +44,10 @@ is unmeasured; ``bench/nn_search.py`` reports it with the fraction of rows re-sc
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lgvq_fast import _alloc
-from lgvq_fast._backend import env_flag, triton_interpret as _interpret
+from lgvq_fast._backend import env_flag, nn_fast_kernel, triton_interpret as _interpret
 from lgvq_fast.kernels.nearest_code import _LOOPED_D_CONFIGS, _SMEM_BUDGET, COS_EPS, _config_key, _configs
 from lgvq_fast.reference import nearest_code as _ref
 
@@ -97,7 +101,20 @@ def _prod(a, b, acc, EMULATE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "SPLIT"], prune_configs_by={"early_config_prune": _prune})
+def _set_blocks(nargs):
+    """With TMA (the operands given as descriptors) their block shapes follow the config."""
+    if nargs.get("USE_TMA"):
+        for name, rows in (("z_ptr", "BLOCK_N"), ("zl_ptr", "BLOCK_N"), ("e_ptr", "BLOCK_K"), ("el_ptr", "BLOCK_K")):
+            nargs[name].block_shape = [nargs[rows], nargs["BLOCK_D"]]
+
+
+def _hooked(configs):
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_blocks)
+            for c in configs]
+
+
+@triton.autotune(configs=_hooked(_configs()), key=["K", "D", "SPLIT", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"ONE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit
 def _certify_kernel(
@@ -109,6 +126,7 @@ def _certify_kernel(
     COLLECT: tl.constexpr,
     CAP: tl.constexpr,
     EMULATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -120,23 +138,34 @@ def _certify_kernel(
     minimum, whether it is proven and its upper bound ``s1 + B1``. With ``COLLECT`` (a second run over the
     same rows, given that upper bound in ``upper``) it also lists, in increasing order, the codes whose lower
     bound ``s_k - B_k`` does not exceed it -- the real argmin is among them -- up to ``CAP`` per row in ``cand``,
-    and counts them all in ``count``."""
+    and counts them all in ``count``.
+
+    ``USE_TMA``: ``z_ptr``, ``zl_ptr``, ``e_ptr``, ``el_ptr`` are tensor descriptors of those operands (rows
+    ``[BLOCK_N | BLOCK_K, BLOCK_D]``, zeros past D and past the rows), read by TMA on sm_90; otherwise pointers
+    to contiguous ``[*, D]`` arrays."""
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_kb = tl.arange(0, BLOCK_K)
-    z_rows = z_ptr + offs_n[:, None] * D
-    zl_rows = zl_ptr + offs_n[:, None] * D
+    if not USE_TMA:
+        z_rows = z_ptr + offs_n[:, None] * D
+        zl_rows = zl_ptr + offs_n[:, None] * D
     f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0)
     m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
     rho = tl.load(rho_ptr + offs_n, mask=mask_n, other=0.0)
     lam = tl.load(lam_ptr + offs_n, mask=mask_n, other=0.0)
+    row0 = pid_n * BLOCK_N
     if ONE_D_TILE:
         mask_d = offs_d < D
-        z_tile = tl.load(z_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if SPLIT:
-            zl_tile = tl.load(zl_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if USE_TMA:
+            z_tile = z_ptr.load([row0, 0])
+            if SPLIT:
+                zl_tile = zl_ptr.load([row0, 0])
+        else:
+            z_tile = tl.load(z_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if SPLIT:
+                zl_tile = tl.load(zl_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_b = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -150,28 +179,44 @@ def _certify_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         mask_k = offs_k < K
-        e_cols = e_ptr + offs_k.to(tl.int64)[None, :] * D
-        el_cols = el_ptr + offs_k.to(tl.int64)[None, :] * D
+        if not USE_TMA:
+            e_cols = e_ptr + offs_k.to(tl.int64)[None, :] * D
+            el_cols = el_ptr + offs_k.to(tl.int64)[None, :] * D
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         mid = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if ONE_D_TILE:
-            et = tl.load(e_cols + offs_d[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+            if USE_TMA:
+                et = e_ptr.load([k0, 0]).T
+            else:
+                et = tl.load(e_cols + offs_d[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
             acc = _prod(z_tile, et, acc, EMULATE)
             if SPLIT:
-                elt = tl.load(el_cols + offs_d[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+                if USE_TMA:
+                    elt = el_ptr.load([k0, 0]).T
+                else:
+                    elt = tl.load(el_cols + offs_d[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
                 mid = _prod(z_tile, elt, mid, EMULATE)
                 mid = _prod(zl_tile, et, mid, EMULATE)
         else:
             for d0 in range(0, D, BLOCK_D):
                 mask_d = (d0 + offs_d) < D
-                zt = tl.load(z_rows + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                et = tl.load(e_cols + (d0 + offs_d)[:, None], mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+                if USE_TMA:
+                    zt = z_ptr.load([row0, d0])
+                    et = e_ptr.load([k0, d0]).T
+                else:
+                    zt = tl.load(z_rows + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                    et = tl.load(e_cols + (d0 + offs_d)[:, None], mask=mask_d[:, None] & mask_k[None, :],
+                                 other=0.0)
                 acc = _prod(zt, et, acc, EMULATE)
                 if SPLIT:
-                    zlt = tl.load(zl_rows + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                                  other=0.0)
-                    elt = tl.load(el_cols + (d0 + offs_d)[:, None], mask=mask_d[:, None] & mask_k[None, :],
-                                  other=0.0)
+                    if USE_TMA:
+                        zlt = zl_ptr.load([row0, d0])
+                        elt = el_ptr.load([k0, d0]).T
+                    else:
+                        zlt = tl.load(zl_rows + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                                      other=0.0)
+                        elt = tl.load(el_cols + (d0 + offs_d)[:, None], mask=mask_d[:, None] & mask_k[None, :],
+                                      other=0.0)
                     mid = _prod(zt, elt, mid, EMULATE)
                     mid = _prod(zlt, et, mid, EMULATE)
         if SPLIT:
@@ -225,13 +270,14 @@ def _pow2(e):
 @triton.jit
 def _prep_rows_kernel(
     z_ptr, hi_ptr, lo_ptr, s_ptr, m_ptr, rho_ptr, lam_ptr, flags_ptr,
-    N, D, stride_n, stride_d,
+    N, D, stride_n, stride_d, pitch,
     IS_COS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Step 1 for the rows, fused (``_prepare_rows`` does the same in float64 PyTorch passes). Per row: the scale
     exponent ``s`` (largest finite magnitude to [2^14, 2^15), clamped to +-60), ``hi = fp16(z 2^s)`` (and with
     ``SPLIT`` ``lo = fp16((z 2^s - hi) 2^12)``), and upper bounds of ``||z||``, the residual norm and ``||lo||
-    2^-12 2^-s``, all taken in scaled units (no fp32 under- or overflow) and rounded up. ``flags``: bit 0 a row
+    2^-12 2^-s``, all taken in scaled units (no fp32 under- or overflow) and rounded up; ``hi`` and ``lo`` rows
+    ``pitch`` elements apart (D, or D rounded up to 8 for TMA). ``flags``: bit 0 a row
     with no finite score (a NaN or inf; cos: norm >= 2^126), bit 1 a row too large for the scaled range."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -276,11 +322,11 @@ def _prep_rows_kernel(
             lo32 = lo.to(tl.float32) * (1.0 / 4096.0)
             approx = approx + lo32
             lsq += tl.sum(lo32 * lo32, axis=1)
-            tl.store(lo_ptr + rows[:, None] * D + cols[None, :], lo, mask=mask)
+            tl.store(lo_ptr + rows[:, None] * pitch + cols[None, :], lo, mask=mask)
         r = xs - approx
         rsq += tl.sum(r * r, axis=1)
         ssq += tl.sum(xs * xs, axis=1)
-        tl.store(hi_ptr + rows[:, None] * D + cols[None, :], hi, mask=mask)
+        tl.store(hi_ptr + rows[:, None] * pitch + cols[None, :], hi, mask=mask)
     # sums of D squares carry at most (D + 2) u of relative error, a root halves it; x * 2^s may lose up to 2^-150
     # per element where it underflows (s < 0): an absolute sqrt(D) 2^-150 in scaled units
     up = 1.0 + (D + 4) * 2.0**-24
@@ -400,20 +446,26 @@ def _prepare_rows(z, metric, codes):
                 force=force, z64=z64)
 
 
-def _prepare_rows_fused(z, metric, codes):
+def _pitched_half(rows, D, pitch, device):
+    """An fp16 ``[rows, D]`` view whose rows lie ``pitch`` elements apart (pitch > D: TMA's 16-byte rows)."""
+    return torch.empty((rows, pitch), dtype=torch.float16, device=device)[:, :D]
+
+
+def _prepare_rows_fused(z, metric, codes, pitch=None):
     """``_prepare_rows`` in one Triton kernel (two reads of z) and a few [N] PyTorch operations; the same keys
-    but ``z64`` (the float64 steps convert the rows they need)."""
+    but ``z64`` (the float64 steps convert the rows they need). ``pitch``: the fp16 rows' pitch (default D)."""
     N, D = z.shape
     split = codes["split"]
-    z16 = torch.empty((N, D), dtype=torch.float16, device=z.device)
-    zl16 = torch.empty((N, D), dtype=torch.float16, device=z.device) if split else z16
+    pitch = pitch or D
+    z16 = _pitched_half(N, D, pitch, z.device)
+    zl16 = _pitched_half(N, D, pitch, z.device) if split else z16
     s_z = torch.empty((N,), dtype=torch.int32, device=z.device)
     m, rho, lam = (torch.empty((N,), dtype=torch.float32, device=z.device) for _ in range(3))
     flags = torch.empty((N,), dtype=torch.int8, device=z.device)
     BLOCK_D = min(128, max(16, triton.next_power_of_2(D)))
     BLOCK_R = 16
     _prep_rows_kernel[(triton.cdiv(N, BLOCK_R),)](
-        z, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1),
+        z, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1), pitch,
         IS_COS=metric == "cos", SPLIT=split, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )
     bad = (flags & 1) != 0
@@ -449,18 +501,36 @@ def _final_distances(z, e64, idx, metric, chunk=1 << 22):
 CAP = 16  # candidates listed per row by the collect pass; a row with more is re-scored against every code
 
 
-def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False, upper=None):
+def use_tma(device):
+    """Whether the certify passes read their operands through TMA descriptors: with
+    ``LGVQ_FAST_NN_FAST_KERNEL=tma`` (sm_90+, or the CPU interpreter), as the fast mode."""
+    return nn_fast_kernel(device) == "tma"
+
+
+def _descriptor(x):
+    """A TMA descriptor of the fp16 rows ``x [R, D]`` (pitch a multiple of 8; the block shape is the config's,
+    set by ``_set_blocks``)."""
+    if x.stride(0) % 8 or x.data_ptr() % 16:
+        padded = _pitched_half(x.shape[0], x.shape[1], triton.cdiv(x.shape[1], 8) * 8, x.device)
+        padded.copy_(x)
+        x = padded
+    return TensorDescriptor.from_tensor(x, [16, 16])
+
+
+def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False, upper=None, tma=None):
     """Steps 1 and 2 (``split``: the second level's three-product pass): prepares the operands (the codebook's
     unless ``codes`` gives them, prepared with the same ``split``) and runs ``_certify_kernel``, writing its
     argmin into ``indices``; returns ``(codes, rows, proven int8 [N], upper fp32 [N])``. Given ``upper`` (a
     previous run's upper bounds for the same rows and ``split``), it runs the collect pass instead and returns
-    ``(codes, rows, candidates int32 [N, CAP], counts int32 [N])``."""
+    ``(codes, rows, candidates int32 [N, CAP], counts int32 [N])``. ``tma`` (default ``use_tma``): read the
+    operands through TMA descriptors (rows of D rounded up to 8)."""
     N, D = z.shape
     K = codebook.shape[0]
+    tma = use_tma(z.device) if tma is None else tma
     if codes is None:
         codes = _prepare_codes(codebook, metric, split)
     assert codes["split"] == split
-    rows = _prepare_rows_fused(z, metric, codes)
+    rows = _prepare_rows_fused(z, metric, codes, pitch=triton.cdiv(D, 8) * 8 if tma else None)
     proven8 = torch.empty((N,), dtype=torch.int8, device=z.device)
     collect = upper is not None
     if collect:
@@ -470,13 +540,22 @@ def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=Fa
         upper = torch.empty((N,), dtype=torch.float32, device=z.device)
         cand = count = proven8
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    operands = [rows["z16"], rows["zl16"], codes["e16"], codes["el16"]]
+    if tma:
+        if "e16_tma" not in codes:  # the codebook's descriptors, made once per prepared codebook
+            codes["e16_tma"] = _descriptor(codes["e16"])
+            codes["el16_tma"] = _descriptor(codes["el16"]) if split else codes["e16_tma"]
+        z_desc = _descriptor(rows["z16"])
+        operands = [z_desc, _descriptor(rows["zl16"]) if split else z_desc, codes["e16_tma"], codes["el16_tma"]]
     kernel, extra = _certify_kernel, {}
     if config is not None:
         kernel, extra = _certify_kernel.fn, config.all_kwargs()
+        _set_blocks({"z_ptr": operands[0], "zl_ptr": operands[1], "e_ptr": operands[2], "el_ptr": operands[3],
+                     "USE_TMA": tma, **config.kwargs})
     kernel[grid](
-        rows["z16"], rows["zl16"], codes["e16"], codes["el16"], codes["a"], codes["P"], codes["Q"], codes["R"],
+        *operands, codes["a"], codes["P"], codes["Q"], codes["R"],
         codes["L"], rows["f"], rows["m"], rows["rho"], rows["lam"], indices, proven8, upper, cand, count, N, K, D,
-        SAFETY_C=SAFETY, SPLIT=split, COLLECT=collect, CAP=CAP, EMULATE=_interpret(), **extra,
+        SAFETY_C=SAFETY, SPLIT=split, COLLECT=collect, CAP=CAP, EMULATE=_interpret(), USE_TMA=tma, **extra,
     )
     if collect:
         return codes, rows, cand, count
@@ -500,7 +579,7 @@ def _rescore_candidates(z, e64, cand, count, metric):
     return idx[torch.arange(n, device=z.device), scores.argmin(dim=1)]
 
 
-def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
+def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tma=None):
     """Host launcher: ``z [N, D]``, ``codebook [K, D]`` (fp32/bf16/fp16, any strides) -> ``(indices int64 [N],
     distances fp32 [N])``, the float64 argmin (module docstring). Arguments are assumed validated by
     ``lgvq_fast.ops.nearest_code``.
@@ -509,7 +588,10 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     ``stats``, a dict, receives ``split_rows``, ``candidate_rows`` and ``rescored`` (0-d int64 tensors on the
     device: rows searched again by the split-fp16 level, settled by float64 over their listed candidates, and
     re-scored in float64 against every code) and ``proven`` (bool [N]: settled without that last search).
+    ``tma`` (default ``use_tma``, i.e. ``LGVQ_FAST_NN_FAST_KERNEL=tma``): the passes read their fp16 operands
+    through TMA descriptors.
     """
+    tma = use_tma(z.device) if tma is None else tma
     assert metric in ("l2", "cos")
     assert z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1]
     N = z.shape[0]
@@ -522,7 +604,7 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
                          candidate_rows=torch.zeros((), dtype=torch.int64, device=z.device),
                          proven=torch.zeros((0,), dtype=torch.bool, device=z.device))
         return indices, distances
-    codes, rows, proven8, _ = certify_pass(z, codebook, metric, indices, config)
+    codes, rows, proven8, _ = certify_pass(z, codebook, metric, indices, config, tma=tma)
     bad = rows["bad"]
     proven = (proven8 != 0) & ~rows["force"] & ~bad
     # Level 2: the unproven rows (not the forced ones, which no pass can certify) searched again with split-fp16
@@ -531,7 +613,7 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
     listed = second[:0]
     if second.numel():
         idx2 = torch.empty_like(second)
-        codes2, _, proven2, upper2 = certify_pass(z[second], codebook, metric, idx2, config, split=True)
+        codes2, _, proven2, upper2 = certify_pass(z[second], codebook, metric, idx2, config, split=True, tma=tma)
         ok2 = proven2 != 0
         indices[second[ok2]] = idx2[ok2]
         proven[second[ok2]] = True
@@ -541,7 +623,7 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None):
         if bool(left.any()):
             rows3 = second[left]
             _, _, cand, count = certify_pass(z[rows3], codebook, metric, torch.empty_like(rows3), config,
-                                             codes=codes2, split=True, upper=upper2[left])
+                                             codes=codes2, split=True, upper=upper2[left], tma=tma)
             fits = (count <= CAP) & (count > 0)
             listed = rows3[fits]
             if listed.numel():

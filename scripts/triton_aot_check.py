@@ -195,10 +195,12 @@ def launch_everything(quick):
         nearest_code_tma.nearest_code_fast_tma(z.bfloat16(), cb.bfloat16(), "l2")
         nearest_code.nearest_code_fwd(z.half(), cb.half(), "l2", "exact")
         for metric in ("l2", "cos"):  # the kernel only: the float64 steps after it read what it would write
-            for split in (False, True):
-                nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=split)
-            nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
-                                                upper=torch.zeros(N))
+            for tma in (False, True):  # pointer loads, and TMA descriptors (LGVQ_FAST_NN_FAST_KERNEL=tma)
+                for split in (False, True):
+                    nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64),
+                                                        split=split, tma=tma)
+                nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
+                                                    upper=torch.zeros(N), tma=tma)
     for K, D in [(1024, 256), (512, 8)] + ([] if quick else [(16384, 256), (1000, 77)]):
         N = 2048
         z = torch.randn(N, D, generator=g)

@@ -406,3 +406,65 @@ def test_cuda_tma_gpu_rule_ties_and_dispatch(monkeypatch):
     _check_against_float64(z, codebook, indices, distances, "l2", "fast", **GPU_SWEEP_TOL)
     with pytest.raises(RuntimeError, match="fast_tma"):
         _cuda.nearest_code(z, codebook, "l2", "fast_tma")
+
+
+# ---- the certified exact mode's passes through TMA descriptors (kernels/nearest_code_certified.py, USE_TMA) ----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(300, 1000, 77), (100, 50, 256), (130, 200, 8), (90, 130, 37)], ids=_shape_id)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_tma_matches_float64(tma, metric, shape, dtype):
+    """The same float64 answer as the pointer passes, with the fp16 rows read through descriptors (rows of D
+    rounded up to 8; D = 77 and 37 need the padding)."""
+    from test_nearest_code import _certified, _check_certified
+
+    from lgvq_fast.kernels import nearest_code_certified as cert
+
+    assert cert.use_tma(torch.device("cpu"))
+    N, K, D = shape
+    z, codebook = torch.randn(N, D).to(dtype), torch.randn(K, D).to(dtype)
+    indices, distances = _certified(z, codebook, metric)
+    _check_certified(z, codebook, indices, distances, metric)
+
+
+@pytest.mark.parametrize("case", ["duplicates", "near_ties", "on_codes", "clustered", "scales"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_tma_adversarial_inputs(tma, metric, case):
+    """Every level through TMA (the duplicates reach the split level and the candidate lists)."""
+    from test_nearest_code import _adversarial, _certified, _check_certified
+
+    z, codebook = _adversarial(case, metric, D=44)
+    stats = {}
+    indices, distances = _certified(z, codebook, metric, stats)
+    _check_certified(z, codebook, indices, distances, metric)
+    if case == "duplicates":
+        assert int(stats["split_rows"]) == z.shape[0] == int(stats["candidate_rows"])
+        assert int(stats["rescored"]) == 0
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("metric", METRICS)
+def test_certify_pass_same_with_and_without_tma(metric, split):
+    """One pass, pointers against descriptors: the same fp16 operands, so the same argmin, proofs and bounds
+    (the products are exact in fp32 here; only the operands' route differs)."""
+    from lgvq_fast.kernels.nearest_code_certified import certify_pass
+
+    z, codebook = torch.randn(150, 45), torch.randn(260, 45)
+    i1, i2 = torch.empty(150, dtype=torch.int64), torch.empty(150, dtype=torch.int64)
+    _, _, p1, u1 = certify_pass(z, codebook, metric, i1, split=split, tma=False)
+    _, _, p2, u2 = certify_pass(z, codebook, metric, i2, split=split, tma=True)
+    assert torch.equal(i1, i2) and torch.equal(p1, p2)
+    assert torch.allclose(u1, u2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4099, 4096, 256), (5000, 16384, 8), (3000, 1000, 77)], ids=_shape_id)
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_tma_gpu_matches_float64(tma, metric, shape):
+    _needs_tma()
+    from test_nearest_code import _certified, _check_certified
+
+    N, K, D = shape
+    z, codebook = torch.randn(N, D, device="cuda"), torch.randn(K, D, device="cuda")
+    indices, distances = _certified(z, codebook, metric)
+    _check_certified(z.cpu(), codebook.cpu(), indices.cpu(), distances.cpu(), metric)
