@@ -48,9 +48,10 @@ if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 # shellcheck disable=SC2086
 stage gpu-tests 180 python3 -m pytest -q -m gpu "${XDIST[@]}" --maxfail=25 --no-header -p no:cacheprovider ${GPU_TESTS:-tests/}
 stage train_step 90 python3 bench/train_step.py
-# NN_SEARCH_ARGS narrows it for a short session, e.g. "--only fast,flash --shapes 65536x16384x256,16384x131072x256"
+# NN_SEARCH_ARGS narrows it for a short session, e.g. "--only fast,flash --shapes 65536x16384x256,16384x131072x256";
+# NN_SEARCH_LIMIT (seconds, default 120) bounds it (first calls autotune: about 18 TMA configs per (K, D))
 # shellcheck disable=SC2086
-stage nn_search 120 python3 bench/nn_search.py ${NN_SEARCH_ARGS:-}
+stage nn_search "${NN_SEARCH_LIMIT:-120}" python3 bench/nn_search.py ${NN_SEARCH_ARGS:-}
 stage ema 45 python3 bench/ema.py
 stage ema_skew 30 python3 bench/ema.py --skew
 stage quantizer 60 python3 bench/quantizer.py
