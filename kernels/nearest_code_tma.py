@@ -118,32 +118,38 @@ def _configs():
         # One config (the interpreter cannot time several); tests launch the other reduction through ``config``.
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 64, "PACKED": True}, num_warps=4,
                               pre_hook=_set_blocks)]
+    # (BLOCK_N, BLOCK_K, BLOCK_D, warps, stages, register cap or None)
     shapes = [
         # D in one tile (the row tile stays in shared memory; the code tiles stream through num_stages buffers)
-        (128, 128, 256, 8, 2),
-        (128, 64, 256, 8, 3),
-        (64, 128, 256, 4, 2),
+        (128, 128, 256, 8, 2, None),
+        (128, 64, 256, 8, 3, None),
+        (64, 128, 256, 4, 2, None),
         # D in 64- or 128-wide chunks
-        (128, 128, 64, 8, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 128, 8, 3),
-        (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 4, None),
+        (128, 256, 64, 8, 3, None),
+        (256, 128, 64, 8, 3, None),
+        (128, 128, 128, 8, 3, None),
+        (64, 128, 64, 4, 4, None),
+        # two blocks per SM, so that one's tile reduction overlaps the other's products: 96 KiB of shared memory
+        # and at most 128 registers per thread (sm_90, Triton 3.6: no spills with the cap)
+        (128, 128, 64, 8, 3, 128),
         # small D (8, 16, 32: one 16- or 32-wide tile)
-        (128, 128, 32, 8, 4),
-        (128, 256, 32, 8, 4),
-        (256, 128, 32, 8, 4),
-        (128, 128, 16, 4, 4),
-        (128, 256, 16, 8, 4),
-        (256, 128, 16, 8, 4),
-        (64, 128, 16, 4, 4),
+        (128, 128, 32, 8, 4, None),
+        (128, 256, 32, 8, 4, None),
+        (256, 128, 32, 8, 4, None),
+        (128, 128, 16, 4, 4, None),
+        (128, 256, 16, 8, 4, None),
+        (256, 128, 16, 8, 4, None),
+        (64, 128, 16, 4, 4, None),
+        (128, 128, 32, 8, 4, 128),
+        (128, 128, 16, 8, 4, 128),
     ]
     # Each tile shape with both tile reductions: the (value, index) pairs of keep_tile_min, and packed keys.
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_D": d, "PACKED": packed}, num_warps=w, num_stages=s,
-                      pre_hook=_set_blocks)
+                      maxnreg=cap, pre_hook=_set_blocks)
         for packed in (True, False)
-        for n, k, d, w, s in shapes
+        for n, k, d, w, s, cap in shapes
     ]
 
 
