@@ -227,29 +227,16 @@ __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
     __syncthreads();
   }
 
-  // The 4 threads of a group cover interleaved codes of the same two rows:
-  // merge them, equal scores going to the smaller index.
+  // The 4 threads of a group cover interleaved codes of the same two rows: merge them, then one stores.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float v = best_v[h];
     int i = best_i[h];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      const float v2 = __shfl_xor_sync(kFullMask, v, off);
-      const int i2 = __shfl_xor_sync(kFullMask, i, off);
-      if (v2 < v || (v2 == v && i2 < i)) {
-        v = v2;
-        i = i2;
-      }
-    }
+    quad_merge(v, i);
     const int r = arow + h * 8;
     const int64_t row = row0 + r;
-    if (tig == 0 && row < n_rows) {
-      // No finite score: i is still 0 (best_i starts at 0 in every thread), the distance is NaN.
-      indices[row] = i;
-      const float dist = metric == kL2 ? z_sq[r] + v : 1.f + 0.5f * v;
-      distances[row] = v < pos_inf() ? clamp_dist(dist) : quiet_nan();
-    }
+    // No finite score: i is still 0 (best_i starts at 0 in every thread), the distance is NaN.
+    if (tig == 0 && row < n_rows) store_row(indices, distances, row, metric, z_sq[r], v, i);
   }
 }
 

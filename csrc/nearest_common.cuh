@@ -49,4 +49,27 @@ __device__ __forceinline__ bool wins(float sc, float best) { return sc < best &&
 // reads as an exact match for a row holding NaN).
 __device__ __forceinline__ float clamp_dist(float d) { return d < 0.f ? 0.f : d; }
 
+// The 4 threads of a quad (lanes 4g .. 4g + 3, the m16n8 / wgmma accumulator layout) hold interleaved codes of
+// the same row: merge their running (score, index), equal scores going to the lower index.
+__device__ __forceinline__ void quad_merge(float& v, int& i) {
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    const float v2 = __shfl_xor_sync(kFullMask, v, off);
+    const int i2 = __shfl_xor_sync(kFullMask, i, off);
+    if (v2 < v || (v2 == v && i2 < i)) {
+      v = v2;
+      i = i2;
+    }
+  }
+}
+
+// A row's outputs from its best score v and index i: the distance ||z||^2 + v (l2, z_sq = ||z||^2) or
+// 1 + v / 2 (cos, both sides normalised), clamped at 0; a row with no finite score (i never moved from 0) gets NaN.
+__device__ __forceinline__ void store_row(int64_t* __restrict__ indices, float* __restrict__ distances, int64_t row,
+                                          int metric, float z_sq, float v, int i) {
+  indices[row] = i;
+  const float dist = metric == kL2 ? z_sq + v : 1.f + 0.5f * v;
+  distances[row] = v < pos_inf() ? clamp_dist(dist) : quiet_nan();
+}
+
 }  // namespace lgvq

@@ -95,14 +95,11 @@ def _first_occurrence(codebook):
     return same.to(torch.int64).argmax(dim=1)
 
 
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_nearest_code_duplicate_codes_lowest_index_wins(impl, precision, metric):
-    # Small integers make every product and sum exact in fp32 and bf16, so duplicated
-    # rows tie exactly whatever order a backend sums in; duplicates sit in different
-    # 64/128-wide code tiles. For cos each code has four entries of +-1 (norm 2), so
-    # its normalised entries (+-0.5) and all products stay exact too.
+def _integer_duplicates(metric):
+    """``(z [200, 24], codebook [300, 24])``: every code repeated, at random places (different 64/128-wide code
+    tiles), with values that keep every product and sum exact in fp32 and bf16, so duplicated rows tie exactly
+    whatever order a backend sums in: small integers (l2); for cos four entries of +-1 per code (norm 2), so its
+    normalised entries (+-0.5) and all products stay exact too."""
     if metric == "l2":
         base = torch.randint(-3, 4, (60, 24)).float()
     else:
@@ -112,6 +109,14 @@ def test_nearest_code_duplicate_codes_lowest_index_wins(impl, precision, metric)
     picks = torch.cat([torch.arange(60), torch.randint(0, 60, (240,))])
     codebook = base[picks[torch.randperm(300)]]
     z = base[torch.randint(0, 60, (200,))] + torch.randint(-1, 2, (200, 24)).float()
+    return z, codebook
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nearest_code_duplicate_codes_lowest_index_wins(impl, precision, metric):
+    z, codebook = _integer_duplicates(metric)
     indices, distances = nearest_code(z, codebook, metric=metric, precision=precision, impl=impl)
     first = _first_occurrence(codebook)
     assert torch.equal(first[indices], indices), "a duplicated code won over its lower-index twin"

@@ -8,7 +8,8 @@ from lgvq_fast import _alloc, _backend
 from lgvq_fast.ops import nearest_code
 from lgvq_fast.reference import nearest_code as ref
 from test_nearest_code import (FAULT_SHAPES, GPU_SWEEP_TOL, METRICS, SHAPES, _check_against_float64, _check_rule,
-                               _first_occurrence, _inject_bad_codes, _inject_bad_rows, _shape_id)
+                               _first_occurrence, _inject_bad_codes, _inject_bad_rows, _integer_duplicates,
+                               _shape_id)
 
 pytestmark = pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
 
@@ -103,17 +104,7 @@ def test_tma_no_valid_code_and_overflow(tma, metric):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_tma_duplicate_codes_lowest_index_wins(tma, metric):
-    # Small integers: every product and sum is exact in bf16 and fp32, so duplicates tie exactly; they sit in
-    # different code tiles. For cos, four entries of +-1 per code keep the normalised entries (+-0.5) exact.
-    if metric == "l2":
-        base = torch.randint(-3, 4, (60, 24)).float()
-    else:
-        base = torch.zeros(60, 24)
-        cols = torch.rand(60, 24).argsort(dim=1)[:, :4]
-        base.scatter_(1, cols, torch.randint(0, 2, (60, 4)).float() * 2 - 1)
-    picks = torch.cat([torch.arange(60), torch.randint(0, 60, (240,))])
-    codebook = base[picks[torch.randperm(300)]]
-    z = base[torch.randint(0, 60, (200,))] + torch.randint(-1, 2, (200, 24)).float()
+    z, codebook = _integer_duplicates(metric)
     indices, distances = nearest_code(z, codebook, metric=metric, precision="fast", impl="triton")
     first = _first_occurrence(codebook)
     assert torch.equal(first[indices], indices), "a duplicated code won over its lower-index twin"
@@ -205,9 +196,7 @@ def test_tma_both_tile_reductions(metric, packed):
         _inject_bad_rows(z)
         indices, distances = nearest_code_fast_tma(z, codebook, metric, config=_config(packed))
         _check_rule(z, codebook, indices, distances, metric, "fast")
-    base = torch.randint(-3, 4, (60, 24)).float()
-    codebook = base[torch.cat([torch.arange(60), torch.randint(0, 60, (240,))])[torch.randperm(300)]]
-    z = base[torch.randint(0, 60, (200,))] + torch.randint(-1, 2, (200, 24)).float()
+    z, codebook = _integer_duplicates("l2")
     indices, _ = nearest_code_fast_tma(z, codebook, "l2", config=_config(packed))
     assert torch.equal(indices, ref.exact_nearest(z, codebook, "l2")[0])
 
