@@ -59,9 +59,7 @@ __global__ void _codebook_prep_kernel(const float* __restrict__ e, int k_codes, 
     inv = warp_cos_inv_norm(er, d, true, lane, eps);
     if (lane == 0) e_norm2[code] = inv;
   } else {
-    float sq = 0.f;
-    for (int c = lane; c < d; c += 32) sq = fmaf(er[c], er[c], sq);
-    sq = warp_sum(sq);
+    const float sq = warp_sum_squares(er, d, true, lane);
     if (lane == 0) e_norm2[code] = sq;
   }
   if (e_hi == nullptr) return;
@@ -106,14 +104,7 @@ __global__ void __launch_bounds__(kThreads) _nearest_code_mma_kernel(
     if (metric == kCos) {
       inv = warp_cos_inv_norm(zr, d, valid, lane, eps);
     } else {
-      float sq = 0.f;
-      if (valid) {
-        for (int c = lane; c < d; c += 32) {
-          const float v = to_float(zr[c]);
-          sq = fmaf(v, v, sq);
-        }
-      }
-      sq = warp_sum(sq);
+      const float sq = warp_sum_squares(zr, d, valid, lane);
       if (lane == 0) z_sq[r] = sq;
     }
     for (int c = lane; c < dp; c += 32) {

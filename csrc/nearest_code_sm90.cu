@@ -73,12 +73,7 @@ __global__ void _rows_bf16_kernel(const T* __restrict__ x, int64_t rows, int d, 
     scale = warp_cos_inv_norm(xr, d, true, lane, eps);
     if (lane == 0) aux[row] = scale;
   } else {
-    float sq = 0.f;
-    for (int c = lane; c < d; c += 32) {
-      const float v = to_float(xr[c]);
-      sq = fmaf(v, v, sq);
-    }
-    sq = warp_sum(sq);
+    const float sq = warp_sum_squares(xr, d, true, lane);
     if (lane == 0) aux[row] = sq;
   }
   __nv_bfloat16* o = out + row * dp;

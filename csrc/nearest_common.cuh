@@ -41,6 +41,20 @@ __device__ __forceinline__ float warp_cos_inv_norm(const T* __restrict__ x, int 
   return cos_inv_norm(warp_sum(sq), warp_sum(sq_lo), eps);
 }
 
+// ||x||^2 of one row in fp32 (it may overflow to +inf: the l2 rule handles that), read by a whole warp in one
+// pass; 0 for a row that is not valid.
+template <typename T>
+__device__ __forceinline__ float warp_sum_squares(const T* __restrict__ x, int d, bool valid, int lane) {
+  float sq = 0.f;
+  if (valid) {
+    for (int c = lane; c < d; c += 32) {
+      const float v = to_float(x[c]);
+      sq = fmaf(v, v, sq);
+    }
+  }
+  return warp_sum(sq);
+}
+
 // A candidate replaces the running best only if it is smaller and above -inf:
 // NaN, +inf (best starts at +inf) and -inf never win.
 __device__ __forceinline__ bool wins(float sc, float best) { return sc < best && sc > neg_inf(); }
