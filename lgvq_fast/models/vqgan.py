@@ -69,11 +69,18 @@ class GroupNorm(nn.GroupNorm):
             with torch.autocast(device_type, enabled=False):
                 return group_norm_triton(x if low is None else x.to(low), self.weight, self.bias, self.num_groups,
                                          self.eps, act)
+        # PyTorch's CPU GroupNorm takes a channels-last input's variance as E[x^2] - E[x]^2 (digits lost when a
+        # group's mean is large against its spread); its NCHW path centres first, so CPU normalises an NCHW copy
+        nhwc = (device_type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last))
+        xin = x.contiguous() if nhwc else x
         if low is None:
-            y = super().forward(x)
+            y = super().forward(xin)
         else:
             with torch.autocast(device_type, enabled=False):
-                y = F.group_norm(x.to(low), self.num_groups, self.weight.to(low), self.bias.to(low), self.eps)
+                y = F.group_norm(xin.to(low), self.num_groups, self.weight.to(low), self.bias.to(low), self.eps)
+        if nhwc:
+            y = y.contiguous(memory_format=torch.channels_last)
         return swish(y) if act else y
 
 

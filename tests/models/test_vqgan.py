@@ -2,6 +2,7 @@
 the fused lgvq_fast.ops.group_norm path against the native one)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lgvq_fast import _backend
 from lgvq_fast.models import vqgan
@@ -109,6 +110,32 @@ def test_vqgan_groupnorm_fused_path_is_taken_and_keeps_autocast_dtype(monkeypatc
     torch.testing.assert_close(y.float(), y_native.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="norm impl must be one of"):
         vqgan.set_norm_impl(norm, "fused")
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_vqgan_groupnorm_native_cpu_channels_last_large_mean(amp):
+    """PyTorch's CPU GroupNorm loses every digit on channels-last input whose groups have a large mean and a small
+    spread (E[x^2] - E[x]^2); the module's native path gives the NCHW result in either memory format."""
+    norm = vqgan.normalize(32)
+    norm.impl = "native"
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+        norm.bias.copy_(torch.randn(32))
+    x = 100 + 0.1 * torch.randn(2, 32, 9, 13)
+    if amp:
+        x = x.to(torch.bfloat16)
+    want = F.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = norm(x.contiguous(memory_format=fmt))
+        assert y.is_contiguous(memory_format=fmt)
+        outs.append(y)
+        # fp32 values near 100 are 8e-6 apart and their mean rounds to about that: a few 1e-4 of a spread of 0.1;
+        # bf16 values near 100 are 0.5 apart, 5 spreads, so only the NCHW agreement below is asked of them
+        if not amp:
+            assert (y.double() - want).abs().max().item() < 2e-3 * want.abs().max().item(), fmt
+    torch.testing.assert_close(outs[0], outs[1].contiguous())
 
 
 def test_vqgan_groupnorm_auto_fuses_only_large_channels_last_maps():
