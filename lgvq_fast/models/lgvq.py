@@ -202,6 +202,14 @@ def _validate_quantizer(m: LGVQConfig):
         taken |= {"legacy", "use_cosine_sim", "ema_update", "decay"}
     else:
         from lgvq_fast.quantize_cvq import CVQVectorQuantizer as cls
+    # a changed decay the chosen quantizer would ignore without a word
+    if m.decay != LGVQConfig.decay and m.quantizer == "cvq":
+        raise ConfigError(f"model.decay={m.decay!r} applies to the 'vq' quantizer only; the CVQ quantizer takes its "
+                          f"own in model.quantizer_kwargs (e.g. --set 'model.quantizer_kwargs={{\"decay\": "
+                          f"{m.decay!r}}}')")
+    if m.decay != LGVQConfig.decay and not m.ema_update:
+        raise ConfigError(f"model.decay={m.decay!r} only applies to the EMA codebook; set model.ema_update=true "
+                          f"or leave decay at {LGVQConfig.decay}")
     params = inspect.signature(cls.__init__).parameters
     allowed = sorted(k for k, p in params.items() if k not in taken and p.kind != p.VAR_KEYWORD)
     unknown = sorted(set(m.quantizer_kwargs) - set(allowed))

@@ -29,6 +29,8 @@ def test_set_override_parsing():
                                              "--set", "train.lr=none", "--no-text-losses", "--steps", "7"]))
     assert cfg.model.ch_mult == (1, 2, 4) and cfg.model.ema_update is True and cfg.train.lr is None
     assert cfg.model.use_text_losses is False and cfg.train.steps == 7
+    cfg = build_config(parse_args(["--set", "model.ema_update=true", "--set", "model.decay=0.9"]))
+    assert cfg.model.decay == 0.9 and cfg.model.ema_update is True
     with pytest.raises(ValueError, match="unknown field"):
         build_config(parse_args(["--set", "model.nope=1"]))
     with pytest.raises(ValueError, match="unknown --config"):
@@ -56,6 +58,8 @@ def test_set_override_parsing():
     (["--set", "model.ch_mult="], "model.ch_mult must be one or more positive integers"),
     (["--set", "model.mask_ratio_range=0.5,0.1"], "model.mask_ratio_range must be two numbers 0 <= low <= high"),
     (["--set", "train.betas=0.5"], "train.betas must be two numbers in [0, 1)"),
+    (["--set", "model.ema_update=false", "--set", "model.decay=0.9"], "model.decay=0.9 only applies to the EMA codebook"),
+    (["--set", "model.quantizer=cvq", "--set", "model.decay=0.5"], "model.decay=0.5 applies to the 'vq' quantizer"),
     (["--set", "train.cuda_graph=true", "--set", "model.quantizer_kwargs=none"], "model.quantizer_kwargs must be a dict"),
 ])
 def test_bad_config_names_the_field(argv, culprit):
