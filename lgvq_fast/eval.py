@@ -362,6 +362,12 @@ def load_checkpoint_model(path, device, text_encoder_name=None):
             enc += f" (--text-encoder; the checkpoint was trained with {saved_encoder!r})"
         raise EvalError(f"checkpoint {path}: its weights do not fit the model built from its config with {enc}: "
                         f"{why}") from exc
+    from lgvq_fast.training.checkpoint import state_sha256, text_encoder_change
+
+    other_text = text_encoder_change(state.get("text_encoder_sha256"), state_sha256(text_encoder.state_dict()), path)
+    if other_text:
+        print(f"{other_text} (text encoder {mcfg.text_encoder!r}; its text metrics are not the trained model's)",
+              file=sys.stderr, flush=True)
     return model.to(device).eval(), text_encoder.to(device), cfg
 
 

@@ -344,6 +344,17 @@ def state_sha256(state_dict):
     return h.hexdigest()
 
 
+def text_encoder_change(saved_sha256, sha256, path):
+    """The warning line when the checkpoint at ``path`` was trained against other frozen text-encoder weights than
+    ``sha256`` (``state_sha256`` of this run's encoder), else None. The encoder's weights are not in a checkpoint:
+    it is rebuilt from ``model.text_encoder``, a name or a folder whose contents can change under the same name.
+    Checkpoints written before the digest was recorded (``saved_sha256`` None) are not compared."""
+    if not saved_sha256 or not sha256 or saved_sha256 == sha256:
+        return None
+    return (f"warning: {path} was trained with other text-encoder weights (sha256 {saved_sha256[:12]}, now "
+            f"{sha256[:12]}): the text features its alignment heads were fitted to have changed")
+
+
 # settings that may change on resume without changing what is trained
 RESUME_NEUTRAL = {"train.steps", "train.out", "train.resume", "train.ckpt_every", "train.keep_last",
                   "train.sample_every", "train.eval_every", "train.log_every", "train.val_batch", "train.progress",
@@ -389,10 +400,11 @@ def load_resume_state(ckpt, resume, device, log=print):
     return None, None
 
 
-def resume_from(state, path, cfg_dict, nets, batches_per_epoch, world, log=print):
+def resume_from(state, path, cfg_dict, nets, batches_per_epoch, world, log=print, text_sha256=None):
     """Load a checkpoint's weights and optimizer moments into ``nets`` (``model``, ``discriminator``, ``opt_g``,
     ``opt_d``: this run's objects) and return the :class:`Position` to continue at. ``cfg_dict``: this run's
-    config as a dict. A changed number of processes or batch size keeps the position in the epoch in images."""
+    config as a dict. A changed number of processes or batch size keeps the position in the epoch in images.
+    ``text_sha256``: this run's text-encoder digest, compared with the one the checkpoint recorded (a warning)."""
     t = cfg_dict["train"]
     try:
         nets["model"].load_state_dict(state["model"])
@@ -404,6 +416,9 @@ def resume_from(state, path, cfg_dict, nets, batches_per_epoch, world, log=print
         why = f"its model settings differ: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
         raise ConfigError(f"cannot resume from {path}: the weights do not fit this run's model ({why})") from e
     pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+    other_text = text_encoder_change(state.get("text_encoder_sha256"), text_sha256, path)
+    if other_text:
+        log(other_text)
     changed = config_changes(state.get("config"), cfg_dict)
     if changed:
         log(f"warning: resuming {path} with changed settings ({'; '.join(changed)}): the run continues "
@@ -424,17 +439,17 @@ def resume_from(state, path, cfg_dict, nets, batches_per_epoch, world, log=print
     return pos
 
 
-def save_checkpoint(ckpt, nets, pos, cfg_dict, usage, run, guard, reason):
+def save_checkpoint(ckpt, nets, pos, cfg_dict, usage, run, guard, reason, text_sha256=None):
     """Write the run's checkpoint at ``pos`` (rank 0; ``ckpt`` is None on the other ranks), after checking that
     no loss went non-finite since the last check and that the whole model and optimizer state is finite (else
     :class:`~lgvq_fast.errors.Diverged`, nothing written). Every rank contributes its RNG state; a failed write
     on rank 0 stops every rank with :class:`CheckpointWriteError`. ``run``: the run's context (device, world,
-    watch, log)."""
+    watch, log). ``text_sha256``: the digest of the frozen text encoder's weights, recorded for resume and eval."""
     guard.check(pos.step)
     state = {"model": nets["model"].state_dict(), "discriminator": nets["discriminator"].state_dict(),
              "opt_g": nets["opt_g"].state_dict(), "opt_d": nets["opt_d"].state_dict(), "step": pos.step,
              "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "config": cfg_dict, "world_size": run.world,
-             "code_usage": usage}
+             "code_usage": usage, "text_encoder_sha256": text_sha256}
     # a loss can be finite while the update it drove left NaN weights or moments (a corrupt Adam state):
     # check the whole state, one reduction per dtype and one host read
     bad = nonfinite_entries({k: state[k] for k in ("model", "discriminator", "opt_g", "opt_d")})
@@ -467,7 +482,7 @@ class Start:
     done: bool = False
 
 
-def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path):
+def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path, text_sha256=None):
     """Resume (``train.resume``: a path or "auto") or start fresh, before the first step: loads the checkpoint into
     ``nets`` and ``usage``, and tidies the run's folder on rank 0 (temp files of cut-short writes removed, later or
     earlier runs' checkpoints moved aside: ``run_folder.tidy_folder``). ``run``: the run's context."""
@@ -481,7 +496,8 @@ def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path):
         run.log(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
     start = Start(Position())
     if state is not None:
-        start.pos = resume_from(state, path, cfg.to_dict(), nets, sampler.batches_per_epoch(), run.world, run.log)
+        start.pos = resume_from(state, path, cfg.to_dict(), nets, sampler.batches_per_epoch(), run.world, run.log,
+                                text_sha256)
         start.rng = state["rng"] if start.pos.step > 0 else None
         if "code_usage" in state and state["code_usage"].shape == usage.shape:
             usage.copy_(state["code_usage"])

@@ -179,3 +179,35 @@ def test_resume_follows_the_cosine_schedule(tmp_path):
     assert all(torch.equal(v, b[k]) for k, v in a.items())
     lrs = lambda out: [(r["step"], r["lr"]) for r in rows(out) if "lr" in r]  # noqa: E731
     assert lrs(full) == lrs(part) and len({lr for _, lr in lrs(full)}) == 5  # warm-up, top, decay
+
+
+def test_text_encoder_weights_are_recorded_and_compared(tmp_path, capsys, monkeypatch):
+    """The frozen text encoder is rebuilt from its name, not saved: its weights' digest is in each checkpoint, and
+    resuming or evaluating against other weights under the same name says so."""
+    from lgvq_fast.eval import load_checkpoint_model
+    from lgvq_fast.models import TextEncoder
+    from lgvq_fast.training.checkpoint import state_sha256
+
+    run_tiny(tmp_path, "--steps", "2")
+    path = CheckpointIO(str(tmp_path)).latest()
+    state = CheckpointIO.load(path)
+    assert state["text_encoder_sha256"] == state_sha256(TextEncoder.build("tiny-random", max_len=12).state_dict())
+    capsys.readouterr()
+    load_checkpoint_model(path, "cpu")
+    run_tiny(tmp_path, "--steps", "3", "--resume", "auto")
+    out = capsys.readouterr()
+    assert "other text-encoder weights" not in out.out + out.err
+
+    real = TextEncoder.build.__func__
+
+    def nudged(cls, *args, **kwargs):
+        enc = real(cls, *args, **kwargs)
+        with torch.no_grad():
+            next(iter(enc.parameters())).view(-1)[0] += 1e-3
+        return enc
+
+    monkeypatch.setattr(TextEncoder, "build", classmethod(nudged))
+    load_checkpoint_model(CheckpointIO(str(tmp_path)).latest(), "cpu")
+    assert "was trained with other text-encoder weights" in capsys.readouterr().err
+    run_tiny(tmp_path, "--steps", "4", "--resume", "auto")
+    assert "was trained with other text-encoder weights" in capsys.readouterr().out
