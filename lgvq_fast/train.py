@@ -60,9 +60,7 @@ def _train(cfg, auto, run, t0):
     ckpt = CheckpointIO(run.out_dir, keep_last=t.keep_last)
     metrics_path = os.path.join(run.out_dir, "metrics.jsonl")
     usage = torch.zeros(m.codebook_size, dtype=torch.long, device=run.device)  # codes picked over the whole run
-    # the frozen text encoder is rebuilt from its name or folder, not saved: its digest goes into each checkpoint
-    text_sha256 = state_sha256(text_encoder.state_dict())
-    start = start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path, text_sha256)
+    start = start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path, text_encoder)
     if start.done:
         return {"step": start.pos.step, "nothing_to_train": True, "rank": run.rank}
     pos, start_step = start.pos, start.pos.step
@@ -85,7 +83,7 @@ def _train(cfg, auto, run, t0):
 
     def save(reason):
         save_checkpoint(ckpt if run.is_main else None, nets, pos, cfg.to_dict(), usage, run, guard, reason,
-                        text_sha256)
+                        start.text_sha256)
 
     model.train()
     loss_mod.train()

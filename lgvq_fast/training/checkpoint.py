@@ -475,17 +475,20 @@ def save_checkpoint(ckpt, nets, pos, cfg_dict, usage, run, guard, reason, text_s
 @dataclass
 class Start:
     """Where a run starts: its :class:`Position`, the RNG states to restore (one per rank of the run resumed from;
-    None for a fresh run) and ``done`` (resumed at or past ``--steps`` with its summary written)."""
+    None for a fresh run), ``done`` (resumed at or past ``--steps`` with its summary written) and
+    ``text_sha256``, the digest of the frozen text encoder's weights that this run's checkpoints record."""
 
     pos: Position
     rng: list | None = None
     done: bool = False
+    text_sha256: str | None = None
 
 
-def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path, text_sha256=None):
+def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path, text_encoder=None):
     """Resume (``train.resume``: a path or "auto") or start fresh, before the first step: loads the checkpoint into
     ``nets`` and ``usage``, and tidies the run's folder on rank 0 (temp files of cut-short writes removed, later or
-    earlier runs' checkpoints moved aside: ``run_folder.tidy_folder``). ``run``: the run's context."""
+    earlier runs' checkpoints moved aside: ``run_folder.tidy_folder``). ``run``: the run's context;
+    ``text_encoder``: the run's frozen text encoder, whose digest is compared with the checkpoint's."""
     t = cfg.train
     if run.is_main:
         stale = ckpt.remove_stale_temps()
@@ -494,10 +497,11 @@ def start_position(cfg, run, ckpt, nets, sampler, usage, metrics_path, text_sha2
     path, state = load_resume_state(ckpt, t.resume, run.device, run.log) if t.resume else (None, None)
     if t.resume == "auto" and path is None:
         run.log(f"--resume auto: no checkpoint in {ckpt.dir}, starting from scratch")
-    start = Start(Position())
+    # the frozen text encoder is rebuilt from its name or folder, never saved: its digest goes into each checkpoint
+    start = Start(Position(), text_sha256=None if text_encoder is None else state_sha256(text_encoder.state_dict()))
     if state is not None:
         start.pos = resume_from(state, path, cfg.to_dict(), nets, sampler.batches_per_epoch(), run.world, run.log,
-                                text_sha256)
+                                start.text_sha256)
         start.rng = state["rng"] if start.pos.step > 0 else None
         if "code_usage" in state and state["code_usage"].shape == usage.shape:
             usage.copy_(state["code_usage"])
