@@ -310,9 +310,12 @@ class _OracleProbe(torch.nn.Module):
 
 
 def test_probe_scores_through_an_oracle_probe():
-    start = random.randrange(10**6)
-    raw = [r for r in (sample_scene(6, "val", i) for i in range(start, start + 120)) if r[1] is not None][:24]
-    res = 32
+    start, res = random.randrange(10**6), 32
+    # two-object scenes whose label maps read back exactly: two shapes of one colour that touch read as one
+    # (read_scene's stated limit, measured by test_read_scene_on_true_label_maps_is_exact; 1 draw of 24 in 400 had one)
+    raw = [r for r in (sample_scene(6, "val", i) for i in range(start, start + 120))
+           if r[1] is not None and not _same_colour_touching(r[0], render_labels(r[0], res))][:24]
+    assert len(raw) == 24
     images = torch.stack([pil_to_tensor(render(objs, res)) for objs, _ in raw])
     oracle = _OracleProbe(torch.stack([torch.from_numpy(render_labels(objs, res)) for objs, _ in raw]))
     assert torch.equal(predict_labels(oracle, images), oracle.maps)
