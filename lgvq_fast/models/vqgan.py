@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lgvq_fast.reference.group_norm import centred_group_norm, channels_last_only
 
 NORM_IMPLS = ("auto", "native", "triton")
 # "auto" fuses GroupNorm + swish only for channels_last maps of at least this many positions (GroupNorm's docstring
@@ -19,8 +20,7 @@ FUSED_MIN_HW = 256 * 256
 def fused_by_default(x: torch.Tensor) -> bool:
     """Whether ``impl="auto"`` takes the fused op for a CUDA ``x [N, C, H, W]``: channels_last and H * W >=
     ``FUSED_MIN_HW``."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return channels_last and x.shape[2] * x.shape[3] >= FUSED_MIN_HW
+    return channels_last_only(x) and x.shape[2] * x.shape[3] >= FUSED_MIN_HW
 
 
 class GroupNorm(nn.GroupNorm):
@@ -70,17 +70,13 @@ class GroupNorm(nn.GroupNorm):
                 return group_norm_triton(x if low is None else x.to(low), self.weight, self.bias, self.num_groups,
                                          self.eps, act)
         # PyTorch's CPU GroupNorm takes a channels-last input's variance as E[x^2] - E[x]^2 (digits lost when a
-        # group's mean is large against its spread); its NCHW path centres first, so CPU normalises an NCHW copy
-        nhwc = (device_type == "cpu" and x.dim() == 4 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last))
-        xin = x.contiguous() if nhwc else x
+        # group's mean is large against its spread): on the CPU the statistics come from an NCHW copy
+        norm = centred_group_norm if device_type == "cpu" else F.group_norm
         if low is None:
-            y = super().forward(xin)
+            y = norm(x, self.num_groups, self.weight, self.bias, self.eps)
         else:
             with torch.autocast(device_type, enabled=False):
-                y = F.group_norm(xin.to(low), self.num_groups, self.weight.to(low), self.bias.to(low), self.eps)
-        if nhwc:
-            y = y.contiguous(memory_format=torch.channels_last)
+                y = norm(x.to(low), self.num_groups, self.weight.to(low), self.bias.to(low), self.eps)
         return swish(y) if act else y
 
 

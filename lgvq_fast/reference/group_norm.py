@@ -16,6 +16,20 @@ import torch
 import torch.nn.functional as F
 
 
+def channels_last_only(x):
+    """``x`` is [N, C, H, W] laid out channels-last and not also NCHW-contiguous (C = 1 or H = W = 1 is both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def centred_group_norm(x, num_groups, weight, bias, eps):
+    """``F.group_norm`` with the statistics taken on an NCHW copy of channels-last input (see the module docstring);
+    the result keeps x's memory format."""
+    if not channels_last_only(x):
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    y = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
 def group_norm(x, weight, bias, num_groups, eps=1e-6, act=False, compute_dtype=torch.float32):
     dtype = torch.promote_types(compute_dtype, torch.float32)
     w = None if weight is None else weight.to(dtype)
@@ -23,9 +37,7 @@ def group_norm(x, weight, bias, num_groups, eps=1e-6, act=False, compute_dtype=t
     # F.group_norm's backward fails with a bias but no weight; a weight of ones is the same function
     if w is None and b is not None:
         w = torch.ones_like(b)
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    y = F.group_norm(x.to(dtype).contiguous(), num_groups, w, b, eps)
+    y = centred_group_norm(x.to(dtype), num_groups, w, b, eps)
     if act:
         y = F.silu(y)
-    y = y.to(x.dtype)
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+    return y.to(x.dtype)
