@@ -25,20 +25,28 @@ index) without computing every score in high precision:
    split pass lists the codes whose lower bound ``s_k - B_k`` does not exceed the best's upper bound (the real
    argmin is among them; usually two or three), and float64 scores just those, lowest index first.
 5. **Re-score** the rest -- rows with more than ``CAP`` candidates, rows too large for the scaled fp16 range --
-   in float64 over the whole codebook (``lgvq_fast.reference.nearest_code``, chunked; cuBLAS DGEMM on a GPU),
-   with the op's rule for non-finite values applied in fp32 terms.
+   in float64 over the whole codebook (``_f64_search_kernel``, float64 FMAs: slow, for the rare rows no
+   certificate settles), with the op's rule for non-finite values applied in fp32 terms.
 6. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32.
 
 The result is the float64 argmin except where float64 itself ties (within its own rounding); it does not
 depend on tile order, config or backend. Extra memory: fp16 copies of ``z`` and the codebook (2 (N + K) D
-bytes), a few fp32 vectors, and the float64 temporaries of steps 1 and 4 (chunked over rows).
+bytes), the split level's hi and lo copies (4 (N + K) D bytes: sized for every row, as the number of rows it
+gets is known only on the device), ``[N, CAP]`` int32 candidate lists, a few ``[N]`` and ``[K]`` vectors, the
+codebook's float64 temporaries while it is prepared, and the float64 distances' chunks.
 
 With ``LGVQ_FAST_NN_FAST_KERNEL=tma`` (or ``tma=True``) the passes read the fp16 operands through TMA
 descriptors (rows of D rounded up to 8), as the fast mode's ``nearest_code_tma``; the arithmetic is the same.
 
-Status: a CPU-tested candidate for the exact mode (Triton interpreter). Steps 3 to 5 compact rows with
-``torch.nonzero``, a device sync, so this path cannot run inside a captured CUDA graph, and its GPU speed
-is unmeasured; ``bench/nn_search.py`` reports it with the fraction of rows re-scored.
+No host sync: the rows each of steps 3 to 5 needs are compacted on the device (``_compact``: a cumulative sum
+and a scatter), and every later kernel reads their count from device memory -- programs past it skip their
+loops -- so the call can be captured in a CUDA graph once its kernels are compiled and tuned. The float64 steps
+are Triton kernels too (``_f64_search_kernel``), reading the inputs' own values: no float64 copy of the
+codebook is kept.
+
+Status: a CPU-tested candidate for the exact mode (Triton interpreter), opted into with
+``LGVQ_FAST_NN_EXACT_KERNEL=certified``; its GPU speed is unmeasured. ``bench/nn_search.py`` reports it with
+the fraction of rows re-scored.
 """
 
 import torch
@@ -122,13 +130,13 @@ def _hooked(configs):
             for c in configs]
 
 
-@triton.autotune(configs=_hooked(_configs()), key=["K", "D", "SPLIT", "USE_TMA"],
+@triton.autotune(configs=_hooked(_configs()), key=["K", "D", "SPLIT", "COLLECT", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"ONE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit
 def _certify_kernel(
     z_ptr, zl_ptr, e_ptr, el_ptr, a_ptr, p_ptr, q_ptr, r_ptr, l_ptr, f_ptr, m_ptr, rho_ptr, lam_ptr, idx_ptr,
-    proven_ptr, upper_ptr, cand_ptr, count_ptr,
+    proven_ptr, upper_ptr, cand_ptr, count_ptr, nlive_ptr,
     N, K, D,
     SAFETY_C: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -136,6 +144,7 @@ def _certify_kernel(
     CAP: tl.constexpr,
     EMULATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DEVICE_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -151,10 +160,19 @@ def _certify_kernel(
 
     ``USE_TMA``: ``z_ptr``, ``zl_ptr``, ``e_ptr``, ``el_ptr`` are tensor descriptors of those operands (rows
     ``[BLOCK_N | BLOCK_K, BLOCK_D]``, zeros past D and past the rows), read by TMA on sm_90; otherwise pointers
-    to contiguous ``[*, D]`` arrays."""
+    to contiguous ``[*, D]`` arrays.
+
+    ``DEVICE_N``: only the first ``nlive[0]`` rows (a count on the device: no host sync, capturable) are live;
+    programs past them skip the codebook loop and write nothing."""
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    if DEVICE_N:
+        n_live = tl.load(nlive_ptr)
+        k_end = tl.where(pid_n * BLOCK_N < n_live, K, 0)
+    else:
+        n_live = N
+        k_end = K
+    mask_n = offs_n < n_live
     offs_d = tl.arange(0, BLOCK_D)
     offs_kb = tl.arange(0, BLOCK_K)
     if not USE_TMA:
@@ -185,7 +203,7 @@ def _certify_kernel(
         # float64's argmin may lie a float64 rounding above the real one: 2^-20 of the bound covers it
         upper = upper + tl.abs(upper) * 2.0**-20
         count = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + offs_kb
         mask_k = offs_k < K
         if not USE_TMA:
@@ -278,21 +296,30 @@ def _pow2(e):
 
 @triton.jit
 def _prep_rows_kernel(
-    z_ptr, hi_ptr, lo_ptr, s_ptr, m_ptr, rho_ptr, lam_ptr, flags_ptr,
+    z_ptr, sel_ptr, nsel_ptr, hi_ptr, lo_ptr, s_ptr, m_ptr, rho_ptr, lam_ptr, flags_ptr,
     N, D, stride_n, stride_d, pitch,
-    IS_COS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COS: tl.constexpr, SPLIT: tl.constexpr, SELECT: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Step 1 for the rows, fused (``_prepare_rows`` does the same in float64 PyTorch passes). Per row: the scale
     exponent ``s`` (largest finite magnitude to [2^14, 2^15), clamped to +-60), ``hi = fp16(z 2^s)`` (and with
     ``SPLIT`` ``lo = fp16((z 2^s - hi) 2^12)``), and upper bounds of ``||z||``, the residual norm and ``||lo||
     2^-12 2^-s``, all taken in scaled units (no fp32 under- or overflow) and rounded up; ``hi`` and ``lo`` rows
     ``pitch`` elements apart (D, or D rounded up to 8 for TMA). ``flags``: bit 0 a row
-    with no finite score (a NaN or inf; cos: norm >= 2^126), bit 1 a row too large for the scaled range."""
+    with no finite score (a NaN or inf; cos: norm >= 2^126), bit 1 a row too large for the scaled range.
+    ``SELECT``: output row ``j`` is row ``sel[j]`` of ``z``, for ``j < nsel[0]`` (a count on the device, so
+    no host sync); later outputs are not written."""
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = rows < N
+    pos = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if SELECT:
+        mask_r = pos < tl.load(nsel_ptr)
+        rows_in = tl.load(sel_ptr + pos, mask=mask_r, other=0).to(tl.int64)
+    else:
+        mask_r = pos < N
+        rows_in = pos
+    rows = pos
     offs_d = tl.arange(0, BLOCK_D)
-    base = z_ptr + rows[:, None] * stride_n
+    base = z_ptr + rows_in[:, None] * stride_n
     amax = tl.zeros([BLOCK_R], dtype=tl.float32)
     bad = tl.zeros([BLOCK_R], dtype=tl.int32)
     sq = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -422,10 +449,13 @@ def _prepare_codes(codebook, metric, split=False):
     P, Q, R, L = (torch.where(valid, v, zero) for v in (P, Q, R, L))
     a32 = torch.where(valid, a.to(torch.float32), float("inf"))
     n_max = torch.where(valid, n, zero).amax() if n.numel() else zero.sum()
-    e64_rule = torch.where(valid[:, None], e64, float("nan"))
+    # the float64 searches' per-code terms (_f64_search_kernel): score a64 - c w64 (z . e)
+    a64 = torch.where(valid, a, float("inf")).contiguous()
+    w64 = (1.0 / norm.clamp_min(COS_EPS) if metric == "cos" else torch.ones_like(a)).contiguous()
     return dict(e16=e16.contiguous(), el16=el16.contiguous() if split else e16, split=split,
                 a=a32.contiguous(), P=_round_up_f32(P), Q=_round_up_f32(Q),
-                R=_round_up_f32(R), L=_round_up_f32(L), s_e=s_e, n_max=n_max, codes_ok=amax < _HUGE, e64=e64_rule, c=c)
+                R=_round_up_f32(R), L=_round_up_f32(L), s_e=s_e, n_max=n_max, codes_ok=amax < _HUGE,
+                a64=a64, w64=w64, valid=valid, c=c)
 
 
 def _prepare_rows(z, metric, codes):
@@ -460,10 +490,15 @@ def _pitched_half(rows, D, pitch, device):
     return torch.empty((rows, pitch), dtype=torch.float16, device=device)[:, :D]
 
 
-def _prepare_rows_fused(z, metric, codes, pitch=None):
+def _prepare_rows_fused(z, metric, codes, pitch=None, select=None):
     """``_prepare_rows`` in one Triton kernel (two reads of z) and a few [N] PyTorch operations; the same keys
-    but ``z64`` (the float64 steps convert the rows they need). ``pitch``: the fp16 rows' pitch (default D)."""
+    but ``z64`` (the float64 steps convert the rows they need). ``pitch``: the fp16 rows' pitch (default D).
+    ``select = (sel, n)`` (``_compact``'s result): prepare rows ``z[sel[j]]`` for ``j < n`` into ``[len(sel)]``
+    outputs, reading ``n`` on the device; entries from ``n`` on are left unwritten."""
     N, D = z.shape
+    sel, nsel = select if select is not None else (z, z)  # unused pointers without SELECT
+    if select is not None:
+        N = sel.shape[0]
     split = codes["split"]
     pitch = pitch or D
     z16 = _pitched_half(N, D, pitch, z.device)
@@ -474,8 +509,8 @@ def _prepare_rows_fused(z, metric, codes, pitch=None):
     BLOCK_D = min(128, max(16, triton.next_power_of_2(D)))
     BLOCK_R = 16
     _prep_rows_kernel[(triton.cdiv(N, BLOCK_R),)](
-        z, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1), pitch,
-        IS_COS=metric == "cos", SPLIT=split, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        z, sel, nsel, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1), pitch,
+        IS_COS=metric == "cos", SPLIT=split, SELECT=select is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )
     bad = (flags & 1) != 0
     big = (flags & 2) != 0
@@ -489,20 +524,20 @@ def _prepare_rows_fused(z, metric, codes, pitch=None):
     return dict(z16=z16, zl16=zl16, f=f, m=m, rho=rho, lam=lam, bad=bad, force=force)
 
 
-def _final_distances(z, e64, idx, metric, chunk=1 << 22):
+def _final_distances(z, codebook, valid, idx, metric, chunk=1 << 22):
     """float64 distances of the chosen codes, as fp32 (``||z - e||^2``, or ``1 - cos``), chunked over rows (each
-    chunk of ``z`` converted to float64 on its own)."""
+    chunk of ``z`` and of the chosen codes converted to float64 on its own; a code the rule excludes counts as
+    zeros here, its distance is replaced by NaN)."""
     N, D = z.shape
     out = torch.empty((N,), dtype=torch.float32, device=z.device)
     step = max(1, chunk // max(D, 1))
-    if metric == "cos":
-        e_hat = _ref._normalize(e64)
     for start in range(0, N, step):
         zc, ic = z[start:start + step].to(torch.float64), idx[start:start + step]
+        e = torch.where(valid[ic][:, None], codebook[ic].to(torch.float64), 0.0)
         if metric == "cos":
-            d = 1.0 - (_ref._normalize(zc) * e_hat[ic]).sum(dim=1)
+            d = 1.0 - (_ref._normalize(zc) * _ref._normalize(e)).sum(dim=1)
         else:
-            d = (zc - e64[ic]).pow(2).sum(dim=1)
+            d = (zc - e).pow(2).sum(dim=1)
         out[start:start + step] = d.to(torch.float32)
     return out
 
@@ -526,20 +561,24 @@ def _descriptor(x):
     return TensorDescriptor.from_tensor(x, [16, 16])
 
 
-def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False, upper=None, tma=None):
+def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=False, upper=None, tma=None,
+                 select=None):
     """Steps 1 and 2 (``split``: the second level's three-product pass): prepares the operands (the codebook's
     unless ``codes`` gives them, prepared with the same ``split``) and runs ``_certify_kernel``, writing its
     argmin into ``indices``; returns ``(codes, rows, proven int8 [N], upper fp32 [N])``. Given ``upper`` (a
     previous run's upper bounds for the same rows and ``split``), it runs the collect pass instead and returns
     ``(codes, rows, candidates int32 [N, CAP], counts int32 [N])``. ``tma`` (default ``use_tma``): read the
-    operands through TMA descriptors (rows of D rounded up to 8)."""
-    N, D = z.shape
+    operands through TMA descriptors (rows of D rounded up to 8). ``select = (sel, n)`` (``_compact``'s
+    result): the pass runs on rows ``z[sel[j]]``, ``j < n``, with ``n`` read on the device; every array above
+    is then ``[len(sel)]`` and holds nothing from ``n`` on."""
+    D = z.shape[1]
+    N = z.shape[0] if select is None else select[0].shape[0]
     K = codebook.shape[0]
     tma = use_tma(z.device) if tma is None else tma
     if codes is None:
         codes = _prepare_codes(codebook, metric, split)
     assert codes["split"] == split
-    rows = _prepare_rows_fused(z, metric, codes, pitch=triton.cdiv(D, 8) * 8 if tma else None)
+    rows = _prepare_rows_fused(z, metric, codes, pitch=triton.cdiv(D, 8) * 8 if tma else None, select=select)
     proven8 = torch.empty((N,), dtype=torch.int8, device=z.device)
     collect = upper is not None
     if collect:
@@ -561,37 +600,127 @@ def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=Fa
         kernel, extra = _certify_kernel.fn, config.all_kwargs()
         _set_blocks({"z_ptr": operands[0], "zl_ptr": operands[1], "e_ptr": operands[2], "el_ptr": operands[3],
                      "USE_TMA": tma, **config.kwargs})
+    nlive = proven8 if select is None else select[1]
     kernel[grid](
         *operands, codes["a"], codes["P"], codes["Q"], codes["R"],
-        codes["L"], rows["f"], rows["m"], rows["rho"], rows["lam"], indices, proven8, upper, cand, count, N, K, D,
-        SAFETY_C=SAFETY, SPLIT=split, COLLECT=collect, CAP=CAP, EMULATE=_interpret(), USE_TMA=tma, **extra,
+        codes["L"], rows["f"], rows["m"], rows["rho"], rows["lam"], indices, proven8, upper, cand, count, nlive,
+        N, K, D, SAFETY_C=SAFETY, SPLIT=split, COLLECT=collect, CAP=CAP, EMULATE=_interpret(), USE_TMA=tma,
+        DEVICE_N=select is not None, **extra,
     )
     if collect:
         return codes, rows, cand, count
     return codes, rows, proven8, upper
 
 
-def _rescore_candidates(z, e64, cand, count, metric):
-    """float64 argmin over each row's listed candidates (in increasing index order, so the first minimum is the
-    lowest index); rows listing more than ``CAP`` are not handled here."""
-    n = cand.shape[0]
-    slots = torch.arange(CAP, device=z.device)[None, :]
-    valid = slots < count.clamp(max=CAP)[:, None]
-    idx = torch.where(valid, cand.long(), 0)
-    z64 = z.to(torch.float64)
-    e = e64[idx]  # [n, CAP, D]
-    if metric == "cos":
-        scores = -(_ref._normalize(z64)[:, None, :] * _ref._normalize(e)).sum(dim=-1)
+# ---- steps 3 to 5 without a host sync: rows are compacted on the device and kernels read the count there ----
+
+def _compact(mask):
+    """Stream compaction on the device, no host sync: ``(sel int64 [M], n int32 [1])`` with ``sel[:n]`` the
+    positions where ``mask [M]`` is set, in increasing order (``sel[n:]`` is 0)."""
+    M = mask.shape[0]
+    pos = torch.cumsum(mask, 0)
+    n = pos[-1:].to(torch.int32)
+    sel = torch.zeros((M + 1,), dtype=torch.int64, device=mask.device)
+    # set positions go to their place; the others all to the spare slot M, dropped
+    sel.index_copy_(0, torch.where(mask, pos - 1, M), torch.arange(M, device=mask.device))
+    return sel[:M], n
+
+
+def _live(sel, n, ok=None):
+    """Which compacted entries ``j`` hold a row (``j < n``), and ``ok`` there."""
+    live = torch.arange(sel.shape[0], device=sel.device) < n
+    return live if ok is None else live & ok
+
+
+def _scatter(dst, sel, live, src):
+    """``dst[sel[j]] = src[j]`` for each ``j`` with ``live[j]``, without a host sync (the others write a spare
+    slot, dropped)."""
+    M = dst.shape[0]
+    padded = torch.cat([dst, dst[:1]])
+    padded.index_copy_(0, torch.where(live, sel, M), src.to(dst.dtype))
+    dst.copy_(padded[:M])
+
+
+@triton.jit
+def _f64_search_kernel(
+    z_ptr, sel_ptr, nsel_ptr, e_ptr, a_ptr, w_ptr, cand_ptr, count_ptr, idx_ptr, ok_ptr,
+    K, D, stride_zn, stride_zd, stride_ek, stride_ed,
+    C: tl.constexpr, CANDIDATES: tl.constexpr, CAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """float64 argmin for the rows ``z[sel[j]]``, ``j < nsel[0]`` (read on the device), over every code or, with
+    ``CANDIDATES``, over the ``count[j]`` codes listed in ``cand[j]`` (increasing order; rows with none, or
+    more than ``CAP``, are not handled: ``ok[j] = 0``). Score of code ``k``: ``a_k - C w_k (z . e_k)`` in
+    float64 from the inputs' own values (l2: ``a = ||e||^2``, ``w = 1``, ``C = 2``; cos: ``a = 0``, ``w =
+    1 / max(||e||, eps)``, ``C = 1``; ``a = +inf`` for a code the rule excludes). A score that is not finite
+    never wins; ties go to the lowest index. Writes ``idx[j]`` and ``ok[j]`` (a finite best was found)."""
+    pid = tl.program_id(0)
+    pos = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_live = tl.load(nsel_ptr)
+    live = pos < n_live
+    rows = tl.load(sel_ptr + pos, mask=live, other=0).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    if CANDIDATES:
+        count = tl.load(count_ptr + pos, mask=live, other=0)
+        live = live & (count >= 1) & (count <= CAP)
+        c_end = tl.where(pid * BLOCK_R < n_live, CAP, 0)
     else:
-        scores = e.pow(2).sum(dim=-1) - 2.0 * (z64[:, None, :] * e).sum(dim=-1)
-    scores = torch.where(valid & torch.isfinite(scores), scores, float("inf"))
-    return idx[torch.arange(n, device=z.device), scores.argmin(dim=1)]
+        c_end = tl.where(pid * BLOCK_R < n_live, K, 0)
+    best = tl.full([BLOCK_R], float("inf"), dtype=tl.float64)
+    best_idx = tl.zeros([BLOCK_R], dtype=tl.int64)
+    for c0 in range(0, c_end, BLOCK_C):
+        slot = c0 + offs_c
+        if CANDIDATES:
+            valid = live[:, None] & (slot[None, :] < count[:, None])
+            code = tl.load(cand_ptr + pos[:, None] * CAP + slot[None, :], mask=valid, other=0).to(tl.int64)
+        else:
+            valid = live[:, None] & (slot < K)[None, :]
+            code = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int64) + slot[None, :]
+        dot = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            mask_d = cols < D
+            zt = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zd,
+                         mask=live[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
+            et = tl.load(e_ptr + code[:, :, None] * stride_ek + cols[None, None, :] * stride_ed,
+                         mask=valid[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float64)
+            dot += tl.sum(zt[:, None, :] * et, axis=2)
+        a = tl.load(a_ptr + code, mask=valid, other=float("inf"))
+        w = tl.load(w_ptr + code, mask=valid, other=0.0)
+        score = a - C * w * dot
+        score = tl.where(valid & (tl.abs(score) < float("inf")), score, float("inf"))  # NaN fails too
+        tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        chosen = tl.sum(tl.where(offs_c[None, :] == tile_arg[:, None], code, 0), axis=1)
+        better = tile_min < best
+        best = tl.where(better, tile_min, best)
+        best_idx = tl.where(better, chosen, best_idx)
+    tl.store(idx_ptr + pos, best_idx, mask=pos < n_live)
+    tl.store(ok_ptr + pos, (live & (best < float("inf"))).to(tl.int8), mask=pos < n_live)
+
+
+def _f64_search(z, codebook, codes, sel, n, cand=None, count=None):
+    """``_f64_search_kernel`` on the rows ``z[sel[:n]]``: ``(indices int64 [len(sel)], ok bool [len(sel)])``
+    (entries from ``n`` on hold nothing)."""
+    M = sel.shape[0]
+    idx = torch.empty((M,), dtype=torch.int64, device=z.device)
+    ok = torch.empty((M,), dtype=torch.int8, device=z.device)
+    candidates = cand is not None
+    BLOCK_R, BLOCK_C, BLOCK_D = 16, 16, 16
+    _f64_search_kernel[(triton.cdiv(M, BLOCK_R),)](
+        z, sel, n, codebook, codes["a64"], codes["w64"], cand if candidates else idx, count if candidates else n,
+        idx, ok, codebook.shape[0], z.shape[1], z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+        C=codes["c"], CANDIDATES=candidates, CAP=CAP, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
+    )
+    return idx, ok != 0
 
 
 def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tma=None):
     """Host launcher: ``z [N, D]``, ``codebook [K, D]`` (fp32/bf16/fp16, any strides) -> ``(indices int64 [N],
     distances fp32 [N])``, the float64 argmin (module docstring). Arguments are assumed validated by
-    ``lgvq_fast.ops.nearest_code``.
+    ``lgvq_fast.ops.nearest_code``. No host sync (no ``nonzero``, no ``.item()``): rows are compacted on the
+    device and each later pass reads their count there, so the call can be captured in a CUDA graph once its
+    kernels are compiled and tuned.
 
     ``config`` (a ``triton.Config`` of ``_configs()``) launches that config instead of autotuning (tests).
     ``stats``, a dict, receives ``split_rows``, ``candidate_rows`` and ``rescored`` (0-d int64 tensors on the
@@ -617,38 +746,35 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
     bad = rows["bad"]
     proven = (proven8 != 0) & ~rows["force"] & ~bad
     # Level 2: the unproven rows (not the forced ones, which no pass can certify) searched again with split-fp16
-    # operands, residuals ~2^-11 smaller, under the same certificate.
-    second = torch.nonzero(~proven & ~bad & ~rows["force"]).squeeze(1)
-    listed = second[:0]
-    if second.numel():
-        idx2 = torch.empty_like(second)
-        codes2, _, proven2, upper2 = certify_pass(z[second], codebook, metric, idx2, config, split=True, tma=tma)
-        ok2 = proven2 != 0
-        indices[second[ok2]] = idx2[ok2]
-        proven[second[ok2]] = True
-        # Level 3: what is left (near and true ties) lists its candidates in a second split pass, and float64
-        # scores just those; a row with more than CAP candidates goes to the full float64 search.
-        left = ~ok2
-        if bool(left.any()):
-            rows3 = second[left]
-            _, _, cand, count = certify_pass(z[rows3], codebook, metric, torch.empty_like(rows3), config,
-                                             codes=codes2, split=True, upper=upper2[left], tma=tma)
-            fits = (count <= CAP) & (count > 0)
-            listed = rows3[fits]
-            if listed.numel():
-                indices[listed] = _rescore_candidates(z[listed], codes["e64"], cand[fits], count[fits], metric)
-                proven[listed] = True
-    redo = torch.nonzero(~proven & ~bad).squeeze(1)
-    if redo.numel():
-        idx_redo, _ = _ref.nearest_code(z[redo].to(torch.float64), codes["e64"], metric, torch.float64)
-        indices[redo] = idx_redo
+    # operands, residuals ~2^-11 smaller, under the same certificate. Arrays of level 2 and 3 are compacted:
+    # entry j is row sel[j], for j below the count n.
+    sel2, n2 = _compact(~proven & ~bad & ~rows["force"])
+    idx2 = torch.empty((N,), dtype=torch.int64, device=z.device)
+    codes2, _, proven2, upper2 = certify_pass(z, codebook, metric, idx2, config, split=True, tma=tma,
+                                              select=(sel2, n2))
+    ok2 = _live(sel2, n2, proven2 != 0)
+    _scatter(indices, sel2, ok2, idx2)
+    _scatter(proven, sel2, ok2, ok2)
+    # Level 3: what is left (near and true ties) lists its candidates in a second split pass, and float64 scores
+    # just those; a row with none or more than CAP candidates goes to the full float64 search.
+    left, n3 = _compact(_live(sel2, n2, proven2 == 0))
+    sel3 = sel2[left]
+    _, _, cand, count = certify_pass(z, codebook, metric, torch.empty_like(sel3), config, codes=codes2, split=True,
+                                     upper=upper2[left], tma=tma, select=(sel3, n3))
+    idx3, ok3 = _f64_search(z, codebook, codes, sel3, n3, cand, count)
+    ok3 = _live(sel3, n3, ok3)
+    _scatter(indices, sel3, ok3, idx3)
+    _scatter(proven, sel3, ok3, ok3)
+    # Last: float64 against every code, for what no certificate settled (and rows outside the scaled range).
+    sel4, n4 = _compact(~proven & ~bad)
+    idx4, _ = _f64_search(z, codebook, codes, sel4, n4)
+    _scatter(indices, sel4, _live(sel4, n4), idx4)
     indices.masked_fill_(bad, 0)
-    dist = _final_distances(z, codes["e64"].nan_to_num(0.0), indices, metric)
+    dist = _final_distances(z, codebook, codes["valid"], indices, metric)
     # No finite score: a bad row, or a row whose every code is excluded (the float64 search returned index 0
     # with a NaN distance for it; its chosen code is then an excluded one).
-    no_code = bad | ~torch.isfinite(codes["a"])[indices]
+    no_code = bad | ~codes["valid"][indices]
     distances.copy_(torch.where(no_code, float("nan"), dist))
     if stats is not None:
-        stats.update(rescored=redo.new_tensor(redo.numel()), split_rows=second.new_tensor(second.numel()),
-                     candidate_rows=listed.new_tensor(listed.numel()), proven=proven)
+        stats.update(rescored=n4[0].long(), split_rows=n2[0].long(), candidate_rows=ok3.sum(), proven=proven)
     return indices, distances

@@ -55,6 +55,21 @@ def nn_fast_kernel(device):
     return "tma" if choice == "tma" else "tiles"
 
 
+NN_EXACT_KERNELS = ("auto", "split", "certified")
+
+
+def nn_exact_kernel():
+    """Which kernels run ``nearest_code(..., precision="exact")`` on the GPU backends:
+    ``LGVQ_FAST_NN_EXACT_KERNEL`` = ``split`` (split-precision products: Triton ``tf32x3``, the CUDA kernel's
+    own), ``certified`` (``kernels/nearest_code_certified.py``: one fp16 pass with a rigorous error bound,
+    float64 for the rows it cannot prove; Triton kernels, used by both ``impl="triton"`` and ``impl="cuda"``)
+    or ``auto`` (default: ``split``, until GPU timings in ``bench/nn_search.py`` choose)."""
+    choice = os.environ.get("LGVQ_FAST_NN_EXACT_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in NN_EXACT_KERNELS:
+        raise ValueError(f"LGVQ_FAST_NN_EXACT_KERNEL must be one of {NN_EXACT_KERNELS}, got {choice!r}")
+    return "certified" if choice == "certified" else "split"
+
+
 def triton_interpret():
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return env_flag("TRITON_INTERPRET")

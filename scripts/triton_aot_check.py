@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 # Shared memory one block may use, by compute capability (opt-in maximum).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+TORCH_TO_TRITON = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                    torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
@@ -201,6 +201,16 @@ def launch_everything(quick):
                                                         split=split, tma=tma)
                 nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
                                                     upper=torch.zeros(N), tma=tma)
+                # levels 2 and 3 as the launcher runs them: rows compacted, their count read on the device
+                sel = nearest_code_certified._compact(torch.rand(N, generator=g) < 0.1)
+                nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
+                                                    tma=tma, select=sel)
+                nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
+                                                    upper=torch.zeros(N), tma=tma, select=sel)
+            codes = nearest_code_certified._prepare_codes(cb, metric)
+            for cand in (None, torch.zeros(N, nearest_code_certified.CAP, dtype=torch.int32)):  # float64 searches
+                nearest_code_certified._f64_search(z, cb, codes, *sel, cand=cand,
+                                                   count=None if cand is None else torch.ones(N, dtype=torch.int32))
     for K, D in [(1024, 256), (512, 8)] + ([] if quick else [(16384, 256), (1000, 77)]):
         N = 2048
         z = torch.randn(N, D, generator=g)

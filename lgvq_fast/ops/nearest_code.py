@@ -20,10 +20,13 @@ Precision:
 - ``exact``: the indices equal the argmin of float64 distances except where two
   codes are tied within fp32 rounding (Triton: split-precision ``tf32x3``
   products of fp32 operands).
-  ``lgvq_fast.kernels.nearest_code_certified`` is a stricter candidate for this
-  mode, measured on CPU only so far: float64's own argmin, from one fp16 pass that
-  proves most rows with a rigorous error bound and float64 for the rest
-  (``bench/nn_search.py`` row "triton exact certified"; derivation in NOTES.md).
+  ``LGVQ_FAST_NN_EXACT_KERNEL=certified`` runs a stricter candidate for this mode
+  instead (``lgvq_fast.kernels.nearest_code_certified``, Triton, for both GPU
+  backends), measured on CPU only so far: float64's own argmin, from one fp16 pass
+  that proves most rows with a rigorous error bound and float64 for the rest,
+  without a host sync (``bench/nn_search.py`` row "triton exact certified";
+  derivation in NOTES.md). The default (``auto``) stays the split-precision kernels
+  until GPU timings choose.
 - ``fast``: bf16 operands with fp32 accumulation; ``||e||^2``, ``||z||^2`` and
   the reported distance stay fp32. Measured mismatch rate against float64
   (tie-aware) in the Triton CPU interpreter, which performs the same bf16
@@ -78,7 +81,7 @@ straight-through estimate and distances-based losses outside this op.
 import torch
 
 from lgvq_fast import _alloc
-from lgvq_fast._backend import resolve_impl
+from lgvq_fast._backend import nn_exact_kernel, resolve_impl, triton_available, triton_import_error
 from lgvq_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from lgvq_fast.reference import nearest_code as _ref
 
@@ -91,6 +94,13 @@ def _nearest_code_op(
     z: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     N = z.shape[0]
+    if impl in ("triton", "cuda") and precision == "exact" and nn_exact_kernel() == "certified":
+        if not triton_available():
+            raise RuntimeError("nearest_code: LGVQ_FAST_NN_EXACT_KERNEL=certified runs Triton kernels, and triton "
+                               f"does not import here ({triton_import_error()}); unset it or install triton")
+        from lgvq_fast.kernels.nearest_code_certified import nearest_code_certified
+
+        return nearest_code_certified(z, codebook, metric)
     if impl == "triton":
         from lgvq_fast.kernels.nearest_code import nearest_code_fwd
 

@@ -1010,6 +1010,116 @@ def test_certified_gpu_matches_float64(metric, case):
 
 
 @needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_mode_runs_the_certified_kernels_on_request(metric, monkeypatch):
+    """``LGVQ_FAST_NN_EXACT_KERNEL=certified``: the op's exact mode runs the certified launcher (float64's argmin,
+    any leading shape); ``split`` and the default do not; a bad value is refused naming the variable."""
+    from lgvq_fast.kernels import nearest_code_certified as cert
+
+    calls = []
+    real = cert.nearest_code_certified
+    monkeypatch.setattr(cert, "nearest_code_certified", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z, codebook = _adversarial("near_ties", metric, N=64, K=100, D=24)
+    z3 = z.reshape(4, 16, 24)
+    for value in ("", "auto", "split"):
+        monkeypatch.setenv("LGVQ_FAST_NN_EXACT_KERNEL", value)
+        nearest_code(z3, codebook, metric, "exact", impl="triton")
+    assert calls == []
+    monkeypatch.setenv("LGVQ_FAST_NN_EXACT_KERNEL", "Certified")
+    indices, distances = nearest_code(z3, codebook, metric, "exact", impl="triton")
+    assert calls == [1] and indices.shape == distances.shape == (4, 16)
+    _check_certified(z, codebook, indices.reshape(-1), distances.reshape(-1), metric)
+    nearest_code(z3, codebook, metric, "fast", impl="triton")  # fast mode is not affected
+    assert calls == [1]
+    monkeypatch.setenv("LGVQ_FAST_NN_EXACT_KERNEL", "f64")
+    with pytest.raises(ValueError, match="LGVQ_FAST_NN_EXACT_KERNEL"):
+        nearest_code(z3, codebook, metric, "exact", impl="triton")
+
+
+# Operations that read a device value on the host (a sync, refused during CUDA graph capture), or whose output
+# shape depends on the data (``nonzero``; indexing with a bool mask runs one inside).
+_HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+               "aten.is_nonzero.default", "aten.equal.default", "aten.allclose.default", "aten.unique_dim.default",
+               "aten._unique2.default", "aten.masked_scatter.default", "aten.masked_scatter_.default"}
+
+
+class _HostReadRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every ATen operation that would make the host wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        indexing = name.split(".")[1] in ("index", "index_put", "index_put_", "_index_put_impl_")
+        index_args = [a for a in (args[1] if indexing else []) if isinstance(a, torch.Tensor)]
+        if name in _HOST_READS or any(a.dtype == torch.bool for a in index_args):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["duplicates", "scales"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_never_reads_the_device_on_the_host(metric, case):
+    """Every level runs without a host sync (so the call can be captured in a CUDA graph): rows are compacted on
+    the device and the passes read their counts there. Inputs chosen so that every level has rows to do --
+    duplicated codes (split level, candidate lists) and rows over many decades (the full float64 search) --
+    and the recorder itself is checked on a call that does sync."""
+    z, codebook = _adversarial(case, metric, N=96, K=120, D=24)
+    z[3, 5] = float("nan")  # a bad row too
+    recorder = _HostReadRecorder()
+    with recorder:
+        stats = {}
+        indices, distances = _certified(z, codebook, metric, stats)
+    assert recorder.reads == [], f"host reads of device values: {recorder.reads}"
+    if case == "duplicates":
+        assert int(stats["split_rows"]) > 0 and int(stats["candidate_rows"]) > 0
+    else:
+        assert int(stats["rescored"]) > 0
+    assert indices[3] == 0 and distances[3].isnan()
+    keep = torch.arange(z.shape[0]) != 3
+    _check_certified(z[keep], codebook, indices[keep], distances[keep], metric)
+    with recorder:
+        torch.nonzero(z[:, 0] > 0)
+        bool(z[0, 0] > 0)
+        z[z[:, 0] > 0]
+    assert recorder.reads == ["aten.nonzero.default", "aten._local_scalar_dense.default", "aten.index.Tensor"]
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_gpu_runs_in_a_cuda_graph(metric):
+    """Captured once, replayed on other inputs of the same shapes: float64's argmin each time, whatever number of
+    rows each level gets (the counts live on the device)."""
+    from lgvq_fast.kernels.nearest_code_certified import nearest_code_certified
+
+    first = _adversarial("duplicates", metric, N=1024, K=1024, D=64)
+    z, codebook = first[0].cuda(), first[1].cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile (and tune) every kernel before capture
+        for _ in range(2):
+            nearest_code_certified(z, codebook, metric)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        indices, distances = nearest_code_certified(z, codebook, metric)
+    for case in ("duplicates", "scales", "near_ties", "gaussian"):
+        if case == "gaussian":
+            zc, cc = torch.randn(1024, 64), torch.randn(1024, 64)
+        else:
+            zc, cc = _adversarial(case, metric, N=1024, K=1024, D=64)
+        z.copy_(zc)
+        codebook.copy_(cc)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_certified(zc, cc, indices.cpu(), distances.cpu(), metric)
+
+
+@needs_triton
 @pytest.mark.parametrize("split", [False, True], ids=["fp16", "split"])
 @pytest.mark.parametrize("case", ["gaussian", "scales", "faults", "bf16"])
 @pytest.mark.parametrize("metric", METRICS)
