@@ -17,7 +17,9 @@ Rows per shape (N rows of z, K codes, D dims; random normal inputs):
   triton exact certified: one fp16 pass that proves most rows, a split-fp16 pass over the rest, float64 over
   listed candidates, then over every code for what is left (``kernels/nearest_code_certified.py``);
   ``split_pct``, ``candidate_pct`` and ``rescored_pct`` are the shares of rows each step took; "... tma"
-  (sm_90+): the same passes reading their fp16 operands through TMA descriptors.
+  (sm_90+): the same passes reading their fp16 operands through TMA descriptors; "... (cuda graph)": the call
+  captured once in a CUDA graph and replayed (it has no host sync; its several small launches cost less), its
+  extra memory held by the graph's pool (the eager row's figure applies).
 - flash-kmeans (fp16 inputs): its FlashAssign kernels, when installed (a GPU only).
 - vector-quantize-pytorch: ``VectorQuantize`` forward in eval mode, when installed.
 
@@ -49,8 +51,31 @@ GPU_SHAPES = [(65536, 16384, 256), (16384, 1024, 256), (65536, 16384, 32), (6553
 CPU_SHAPES = [(2048, 1024, 256), (2048, 2048, 32), (2048, 2048, 8)]
 BASELINE = "reference fp32"
 CERTIFIED = "triton exact certified"
-# stats of the certified row's last call (rows re-scored in float64)
+# stats of each certified row's last call (rows re-scored in float64), by row name
 _CERT_STATS = {}
+
+
+def cuda_graphed(fn, device):
+    """``fn`` captured in a CUDA graph on the first call (after two calls on a side stream that compile and tune
+    its kernels), replayed on every call; returns the captured outputs, which each replay overwrites."""
+    state = {}
+
+    def run():
+        if "graph" not in state:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                fn()
+                fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = fn()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+
+    return run
 
 
 def parse_shapes(text):
@@ -174,11 +199,15 @@ def candidates(z, codebook, metric, device):
         from lgvq_fast.kernels.nearest_code import nearest_code_fwd
         from lgvq_fast.kernels.nearest_code_certified import nearest_code_certified
 
-        rows.append((CERTIFIED, lambda: nearest_code_certified(z, codebook, metric, stats=_CERT_STATS, tma=False),
-                     True, 0))
+        variants = [(CERTIFIED, False)]
         if torch.cuda.get_device_capability(device)[0] >= 9:
-            rows.append((CERTIFIED + " tma", lambda: nearest_code_certified(z, codebook, metric, stats=_CERT_STATS,
-                                                                            tma=True), True, 0))
+            variants.append((CERTIFIED + " tma", True))
+        for name, tma in variants:
+            for graph in (False, True):
+                label = name + (" (cuda graph)" if graph else "")
+                stats = _CERT_STATS.setdefault(label, {})
+                fn = lambda s=stats, t=tma: nearest_code_certified(z, codebook, metric, stats=s, tma=t)  # noqa: E731
+                rows.append((label, cuda_graphed(fn, device) if graph else fn, True, 0))
 
         rows.append(("triton fast (bf16 inputs)", lambda: nearest_code_fwd(zb, eb, metric, "fast"), False, 0))
         if torch.cuda.get_device_capability(device)[0] >= 9:
@@ -230,8 +259,9 @@ def bench_shape(shape, metric, device, truth_rows, peak=None, only=None):
             indices = fn()[0]
             mismatch = ref.tie_aware_mismatch(z[:S], codebook, indices[:S], metric, truth=truth)
             if name.startswith(CERTIFIED):
-                rescored, split = int(_CERT_STATS["rescored"]), int(_CERT_STATS["split_rows"])
-                listed = int(_CERT_STATS["candidate_rows"])
+                stats = _CERT_STATS[name]
+                rescored, split = int(stats["rescored"]), int(stats["split_rows"])
+                listed = int(stats["candidate_rows"])
                 row.update(rescored_rows=rescored, rescored_pct=f"{100 * rescored / max(N, 1):.2f}%",
                            split_rows=split, split_pct=f"{100 * split / max(N, 1):.2f}%",
                            candidate_rows=listed, candidate_pct=f"{100 * listed / max(N, 1):.2f}%")

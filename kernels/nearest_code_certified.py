@@ -5,8 +5,10 @@ index) without computing every score in high precision:
 
 1. **Prepare**: ``z`` and the codebook (for cos, the codebook normalised in float64) are rounded to fp16
    after scaling by powers of two -- per row of ``z``, one for the codebook -- and the size of what the rounding
-   dropped is kept (rows: one Triton kernel, ``_prep_rows_kernel``, in scaled units, rounded up; codes: float64
-   PyTorch, exact; ``_prepare_rows`` is the rows' float64 version, which the tests hold the kernel to):
+   dropped is kept (rows: one Triton kernel, ``_prep_rows_kernel``, in scaled units, rounded up; codes: two
+   Triton passes in float64 arithmetic for both levels at once, ``_code_stats_kernel`` and
+   ``_code_prep_kernel``; ``_prepare_rows`` and ``_prepare_codes`` are the float64 PyTorch versions, which the
+   tests hold the kernels to):
    ``rho = ||x - fp16(x * 2^s) * 2^-s||`` per row and per code, with the norms ``||z||``, ``||e||`` and, for
    l2, ``||e||^2`` in fp32.
 2. **Search and certify** (Triton, ``_certify_kernel``): one fp16 x fp16 -> fp32 product pass, as fast mode,
@@ -27,13 +29,14 @@ index) without computing every score in high precision:
 5. **Re-score** the rest -- rows with more than ``CAP`` candidates, rows too large for the scaled fp16 range --
    in float64 over the whole codebook (``_f64_search_kernel``, float64 FMAs: slow, for the rare rows no
    certificate settles), with the op's rule for non-finite values applied in fp32 terms.
-6. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32.
+6. **Distances** of the chosen codes in float64 (``||z - e||^2``, or ``1 - cos``), stored as fp32
+   (``_distance_kernel``).
 
 The result is the float64 argmin except where float64 itself ties (within its own rounding); it does not
 depend on tile order, config or backend. Extra memory: fp16 copies of ``z`` and the codebook (2 (N + K) D
 bytes), the split level's hi and lo copies (4 (N + K) D bytes: sized for every row, as the number of rows it
-gets is known only on the device), ``[N, CAP]`` int32 candidate lists, a few ``[N]`` and ``[K]`` vectors, the
-codebook's float64 temporaries while it is prepared, and the float64 distances' chunks.
+gets is known only on the device), ``[N, CAP]`` int32 candidate lists, and a few ``[N]`` and ``[K]`` vectors
+(no float64 copy of ``z`` or of the codebook).
 
 With ``LGVQ_FAST_NN_FAST_KERNEL=tma`` (or ``tma=True``) the passes read the fp16 operands through TMA
 descriptors (rows of D rounded up to 8), as the fast mode's ``nearest_code_tma``; the arithmetic is the same.
@@ -458,6 +461,164 @@ def _prepare_codes(codebook, metric, split=False):
                 a64=a64, w64=w64, valid=valid, c=c)
 
 
+@triton.jit
+def _round_up_to_f32(x):
+    """float64 ``x >= 0`` -> the smallest fp32 not below it."""
+    y = x.to(tl.float32)
+    up = (y.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    return tl.where(y.to(tl.float64) < x, up, y)
+
+
+@triton.jit
+def _code_stats_kernel(
+    e_ptr, valid_ptr, div_ptr, amax_ptr, a64_ptr, w64_ptr, K, D, stride_k, stride_d,
+    IS_COS: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step 1 for the codes, first read (float64, as ``_prepare_codes``): per code whether the rule keeps it (no
+    NaN or inf; cos: norm < 2^126; l2: ``||e||^2`` finite in fp32), the divisor that normalises it (cos:
+    ``max(||e||, eps)``; l2: 1), the largest magnitude of the code as searched (0 for an excluded code), and the
+    float64 searches' terms ``a64`` (l2 ``||e||^2``, cos 0; +inf when excluded) and ``w64`` (``1 / divisor``)."""
+    pid = tl.program_id(0)
+    codes = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = codes < K
+    offs_d = tl.arange(0, BLOCK_D)
+    finite = mask_r
+    sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+    amax = tl.zeros([BLOCK_R], dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask = mask_r[:, None] & (cols < D)[None, :]
+        x = tl.load(e_ptr + codes[:, None] * stride_k + cols[None, :] * stride_d, mask=mask, other=0.0)
+        x = x.to(tl.float64)
+        ok = tl.abs(x) < float("inf")  # False for NaN too
+        finite = finite & (tl.min(ok.to(tl.int32), axis=1) != 0)
+        x = tl.where(ok, x, 0.0)
+        sq += tl.sum(x * x, axis=1)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    if IS_COS:
+        norm = tl.sqrt(sq)
+        valid = finite & (norm < 2.0**126)
+        div = tl.maximum(norm, EPS)
+        a64 = tl.where(valid, 0.0, float("inf"))
+        amax = amax / div
+    else:
+        valid = finite & (sq.to(tl.float32) < float("inf"))
+        div = tl.full([BLOCK_R], 1.0, dtype=tl.float64)
+        a64 = tl.where(valid, sq, float("inf"))
+    tl.store(valid_ptr + codes, valid.to(tl.int8), mask=mask_r)
+    tl.store(div_ptr + codes, div, mask=mask_r)
+    tl.store(amax_ptr + codes, tl.where(valid, amax, 0.0), mask=mask_r)
+    tl.store(a64_ptr + codes, a64, mask=mask_r)
+    tl.store(w64_ptr + codes, 1.0 / div, mask=mask_r)
+
+
+@triton.jit
+def _code_level_terms(n, rho, lam, D, C: tl.constexpr, SPLIT: tl.constexpr):
+    """``_bound_terms`` in float64 for one level: ``(P, Q, R, L)``."""
+    acc = (tl.zeros_like(n) + (2 * D if SPLIT else D)) * 2.0**-22
+    gamma = acc / (1.0 - acc)
+    rounds = 5.0 if SPLIT else 4.0
+    if SPLIT:
+        gamma = gamma + gamma * 2.0**-9
+    g = C * (gamma + rounds * 2.0**-24 * (1.0 + gamma))
+    t = n + rho
+    P = C * rho + g * t
+    Q = C * n + 3.0 * C * rho + g * t
+    R = (rounds * 2.0**-24) * (n * n + n * n * 2.0**-24) + 2.0**-140
+    return P, Q, R, C * lam
+
+
+@triton.jit
+def _code_prep_kernel(
+    e_ptr, valid_ptr, div_ptr, s_ptr, hi_ptr, lo_ptr, n_ptr, terms_ptr, K, D, stride_k, stride_d, pitch,
+    C: tl.constexpr, IS_COS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step 1 for the codes, second read, both levels at once (float64, as ``_prepare_codes``): the code as
+    searched ``x`` (normalised for cos; zeros when excluded) scaled by ``2^s`` (``s`` read on the device),
+    ``hi = fp16(x 2^s)`` and ``lo = fp16((x 2^s - hi) 2^12)`` (each rounded through fp32, as PyTorch converts),
+    ``||x||`` and each level's bound terms rounded up to fp32 into ``terms [7, K]``: ``P, Q, R`` of the fp16
+    pass, then ``P, Q, R, L`` of the split level (zeros for an excluded code)."""
+    pid = tl.program_id(0)
+    codes = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = codes < K
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = tl.load(valid_ptr + codes, mask=mask_r, other=0) != 0
+    div = tl.load(div_ptr + codes, mask=mask_r, other=1.0)
+    s = tl.load(s_ptr).to(tl.int64)
+    scale = ((s + 1023) << 52).to(tl.float64, bitcast=True)
+    inv = ((1023 - s) << 52).to(tl.float64, bitcast=True)
+    nsq = tl.zeros([BLOCK_R], dtype=tl.float64)
+    r1sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+    r2sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+    lsq = tl.zeros([BLOCK_R], dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask = mask_r[:, None] & (cols < D)[None, :]
+        x = tl.load(e_ptr + codes[:, None] * stride_k + cols[None, :] * stride_d, mask=mask, other=0.0)
+        x = x.to(tl.float64)
+        if IS_COS:
+            x = x / div[:, None]
+        x = tl.where(valid[:, None], x, 0.0)
+        xs = x * scale
+        hi = xs.to(tl.float32).to(tl.float16)
+        h64 = hi.to(tl.float64)
+        lo = ((xs - h64) * 4096.0).to(tl.float32).to(tl.float16)
+        l64 = lo.to(tl.float64) * (1.0 / 4096.0)
+        r1 = x - h64 * inv
+        r2 = x - (h64 + l64) * inv
+        lam = l64 * inv
+        nsq += tl.sum(x * x, axis=1)
+        r1sq += tl.sum(r1 * r1, axis=1)
+        r2sq += tl.sum(r2 * r2, axis=1)
+        lsq += tl.sum(lam * lam, axis=1)
+        tl.store(hi_ptr + codes[:, None] * pitch + cols[None, :], hi, mask=mask)
+        tl.store(lo_ptr + codes[:, None] * pitch + cols[None, :], lo, mask=mask)
+    n = tl.sqrt(nsq)
+    tl.store(n_ptr + codes, n, mask=mask_r)
+    P1, Q1, R1, _ = _code_level_terms(n, tl.sqrt(r1sq), tl.zeros_like(n), D, C, False)
+    P2, Q2, R2, L2 = _code_level_terms(n, tl.sqrt(r2sq), tl.sqrt(lsq), D, C, True)
+    row = terms_ptr + codes
+    tl.store(row, tl.where(valid, _round_up_to_f32(P1), 0.0), mask=mask_r)
+    tl.store(row + K, tl.where(valid, _round_up_to_f32(Q1), 0.0), mask=mask_r)
+    tl.store(row + 2 * K, tl.where(valid, _round_up_to_f32(R1), 0.0), mask=mask_r)
+    tl.store(row + 3 * K, tl.where(valid, _round_up_to_f32(P2), 0.0), mask=mask_r)
+    tl.store(row + 4 * K, tl.where(valid, _round_up_to_f32(Q2), 0.0), mask=mask_r)
+    tl.store(row + 5 * K, tl.where(valid, _round_up_to_f32(R2), 0.0), mask=mask_r)
+    tl.store(row + 6 * K, tl.where(valid, _round_up_to_f32(L2), 0.0), mask=mask_r)
+
+
+def _prepare_codes_fused(codebook, metric, pitch=None):
+    """``_prepare_codes`` for both levels in two Triton passes over the codebook (float64 arithmetic) and a few
+    [K] PyTorch operations, no host sync: ``(level 1, level 2)``, dicts with the keys of ``_prepare_codes``
+    (without ``split=False``'s ``el16``: it is the split level's) sharing their tensors. ``pitch``: the fp16
+    rows' pitch (default D; TMA wants a multiple of 8)."""
+    K, D = codebook.shape
+    dev = codebook.device
+    c = 1.0 if metric == "cos" else 2.0
+    pitch = pitch or D
+    valid8 = torch.empty((K,), dtype=torch.int8, device=dev)
+    div, amax_k, a64, w64, n = (torch.empty((K,), dtype=torch.float64, device=dev) for _ in range(5))
+    BLOCK_R, BLOCK_D = 16, min(64, max(16, triton.next_power_of_2(D)))
+    grid = (triton.cdiv(K, BLOCK_R),)
+    _code_stats_kernel[grid](codebook, valid8, div, amax_k, a64, w64, K, D, codebook.stride(0), codebook.stride(1),
+                             IS_COS=metric == "cos", EPS=COS_EPS, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    valid = valid8 != 0
+    amax = amax_k.amax()
+    s_e = _scale_exponent(amax)
+    e16 = _pitched_half(K, D, pitch, dev)
+    el16 = _pitched_half(K, D, pitch, dev)
+    terms = torch.empty((7, K), dtype=torch.float32, device=dev)
+    _code_prep_kernel[grid](codebook, valid8, div, s_e.reshape(1), e16, el16, n, terms, K, D, codebook.stride(0),
+                            codebook.stride(1), pitch, C=c, IS_COS=metric == "cos", BLOCK_R=BLOCK_R,
+                            BLOCK_D=BLOCK_D)
+    a32 = a64.to(torch.float32)
+    n_max = torch.where(valid, n, 0.0).amax()
+    shared = dict(e16=e16, a=a32, s_e=s_e, n_max=n_max, codes_ok=amax < _HUGE, a64=a64, w64=w64, valid=valid, c=c)
+    level1 = dict(shared, el16=e16, split=False, P=terms[0], Q=terms[1], R=terms[2], L=torch.zeros_like(a32))
+    level2 = dict(shared, el16=el16, split=True, P=terms[3], Q=terms[4], R=terms[5], L=terms[6])
+    return level1, level2
+
+
 def _prepare_rows(z, metric, codes):
     """fp16 scaled rows, the row factor ``c 2^-(s_z + s_e)``, ``||z||`` and ``rho_z`` (fp32, rounded up), the
     rows with no finite score under the rule, and the rows that must be re-scored whatever pass 1 finds."""
@@ -524,21 +685,71 @@ def _prepare_rows_fused(z, metric, codes, pitch=None, select=None):
     return dict(z16=z16, zl16=zl16, f=f, m=m, rho=rho, lam=lam, bad=bad, force=force)
 
 
-def _final_distances(z, codebook, valid, idx, metric, chunk=1 << 22):
-    """float64 distances of the chosen codes, as fp32 (``||z - e||^2``, or ``1 - cos``), chunked over rows (each
-    chunk of ``z`` and of the chosen codes converted to float64 on its own; a code the rule excludes counts as
-    zeros here, its distance is replaced by NaN)."""
+@triton.jit
+def _distance_kernel(
+    z_ptr, e_ptr, idx_ptr, valid_ptr, out_ptr, N, D, stride_zn, stride_zd, stride_ek, stride_ed,
+    IS_COS: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step 6: per row, the float64 distance to its chosen code ``idx`` (``||z - e||^2``, or ``1 - cos`` with each
+    vector normalised as ``lgvq_fast.reference.nearest_code._normalize`` does: divided by its largest magnitude,
+    then by ``max(norm, eps / amax)``), stored as fp32; a code the rule excludes (``valid`` 0) counts as zeros."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < N
+    k = tl.load(idx_ptr + rows, mask=mask_r, other=0)
+    live = mask_r & (tl.load(valid_ptr + k, mask=mask_r, other=0) != 0)
+    z_base = z_ptr + rows[:, None] * stride_zn
+    e_base = e_ptr + k[:, None] * stride_ek
+    offs_d = tl.arange(0, BLOCK_D)
+    if IS_COS:
+        z_max = tl.zeros([BLOCK_R], dtype=tl.float64)
+        e_max = tl.zeros([BLOCK_R], dtype=tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            mz = mask_r[:, None] & (cols < D)[None, :]
+            me = live[:, None] & (cols < D)[None, :]
+            zt = tl.load(z_base + cols[None, :] * stride_zd, mask=mz, other=0.0).to(tl.float64)
+            et = tl.load(e_base + cols[None, :] * stride_ed, mask=me, other=0.0).to(tl.float64)
+            z_max = tl.maximum(z_max, tl.max(tl.abs(zt), axis=1))
+            e_max = tl.maximum(e_max, tl.max(tl.abs(et), axis=1))
+        z_max = tl.where(z_max > 0, z_max, 1.0)
+        e_max = tl.where(e_max > 0, e_max, 1.0)
+        z_sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+        e_sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            mz = mask_r[:, None] & (cols < D)[None, :]
+            me = live[:, None] & (cols < D)[None, :]
+            zt = tl.load(z_base + cols[None, :] * stride_zd, mask=mz, other=0.0).to(tl.float64) / z_max[:, None]
+            et = tl.load(e_base + cols[None, :] * stride_ed, mask=me, other=0.0).to(tl.float64) / e_max[:, None]
+            z_sq += tl.sum(zt * zt, axis=1)
+            e_sq += tl.sum(et * et, axis=1)
+        z_div = tl.maximum(tl.sqrt(z_sq), EPS / z_max)
+        e_div = tl.maximum(tl.sqrt(e_sq), EPS / e_max)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mz = mask_r[:, None] & (cols < D)[None, :]
+        me = live[:, None] & (cols < D)[None, :]
+        zt = tl.load(z_base + cols[None, :] * stride_zd, mask=mz, other=0.0).to(tl.float64)
+        et = tl.load(e_base + cols[None, :] * stride_ed, mask=me, other=0.0).to(tl.float64)
+        if IS_COS:
+            acc += tl.sum((zt / z_max[:, None] / z_div[:, None]) * (et / e_max[:, None] / e_div[:, None]), axis=1)
+        else:
+            acc += tl.sum((zt - et) * (zt - et), axis=1)
+    dist = 1.0 - acc if IS_COS else acc
+    tl.store(out_ptr + rows, dist.to(tl.float32), mask=mask_r)
+
+
+def _final_distances(z, codebook, valid, idx, metric):
+    """Step 6 (``_distance_kernel``): the float64 distance of each row's chosen code, as fp32."""
     N, D = z.shape
     out = torch.empty((N,), dtype=torch.float32, device=z.device)
-    step = max(1, chunk // max(D, 1))
-    for start in range(0, N, step):
-        zc, ic = z[start:start + step].to(torch.float64), idx[start:start + step]
-        e = torch.where(valid[ic][:, None], codebook[ic].to(torch.float64), 0.0)
-        if metric == "cos":
-            d = 1.0 - (_ref._normalize(zc) * _ref._normalize(e)).sum(dim=1)
-        else:
-            d = (zc - e).pow(2).sum(dim=1)
-        out[start:start + step] = d.to(torch.float32)
+    BLOCK_R, BLOCK_D = 16, min(64, max(16, triton.next_power_of_2(D)))
+    _distance_kernel[(triton.cdiv(N, BLOCK_R),)](
+        z, codebook, idx, valid.to(torch.int8), out, N, D, z.stride(0), z.stride(1), codebook.stride(0),
+        codebook.stride(1), IS_COS=metric == "cos", EPS=COS_EPS, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
     return out
 
 
@@ -576,7 +787,7 @@ def certify_pass(z, codebook, metric, indices, config=None, codes=None, split=Fa
     K = codebook.shape[0]
     tma = use_tma(z.device) if tma is None else tma
     if codes is None:
-        codes = _prepare_codes(codebook, metric, split)
+        codes = _prepare_codes_fused(codebook, metric, pitch=triton.cdiv(D, 8) * 8 if tma else None)[int(split)]
     assert codes["split"] == split
     rows = _prepare_rows_fused(z, metric, codes, pitch=triton.cdiv(D, 8) * 8 if tma else None, select=select)
     proven8 = torch.empty((N,), dtype=torch.int8, device=z.device)
@@ -742,7 +953,9 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
                          candidate_rows=torch.zeros((), dtype=torch.int64, device=z.device),
                          proven=torch.zeros((0,), dtype=torch.bool, device=z.device))
         return indices, distances
-    codes, rows, proven8, _ = certify_pass(z, codebook, metric, indices, config, tma=tma)
+    D = z.shape[1]
+    codes, codes2 = _prepare_codes_fused(codebook, metric, pitch=triton.cdiv(D, 8) * 8 if tma else None)
+    _, rows, proven8, _ = certify_pass(z, codebook, metric, indices, config, codes=codes, tma=tma)
     bad = rows["bad"]
     proven = (proven8 != 0) & ~rows["force"] & ~bad
     # Level 2: the unproven rows (not the forced ones, which no pass can certify) searched again with split-fp16
@@ -750,8 +963,8 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
     # entry j is row sel[j], for j below the count n.
     sel2, n2 = _compact(~proven & ~bad & ~rows["force"])
     idx2 = torch.empty((N,), dtype=torch.int64, device=z.device)
-    codes2, _, proven2, upper2 = certify_pass(z, codebook, metric, idx2, config, split=True, tma=tma,
-                                              select=(sel2, n2))
+    _, _, proven2, upper2 = certify_pass(z, codebook, metric, idx2, config, codes=codes2, split=True, tma=tma,
+                                         select=(sel2, n2))
     ok2 = _live(sel2, n2, proven2 != 0)
     _scatter(indices, sel2, ok2, idx2)
     _scatter(proven, sel2, ok2, ok2)

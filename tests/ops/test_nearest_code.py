@@ -1088,6 +1088,50 @@ def test_certified_never_reads_the_device_on_the_host(metric, case):
     assert recorder.reads == ["aten.nonzero.default", "aten._local_scalar_dense.default", "aten.index.Tensor"]
 
 
+@needs_triton
+@pytest.mark.parametrize("case", ["gaussian", "scales", "faults", "half", "strided"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_fused_code_preparation_matches_float64(metric, case):
+    """The codebook's Triton preparation (both levels in two passes, float64 arithmetic) against its float64
+    PyTorch version: the same fp16 operands bit for bit (hi and lo), the same exclusions, scale, ||e||^2 in fp32
+    and float64, and bound terms never below the float64 values rounded up to fp32, at most one fp32 step above
+    (the two sum in different orders)."""
+    from lgvq_fast.kernels import nearest_code_certified as cert
+
+    K, D = 90, 77
+    codebook = torch.randn(K, D)
+    if case == "scales":  # codes over 24 decades, some of whose elements underflow in fp16 at the common scale
+        codebook = codebook * 10.0 ** (24 * torch.rand(K, 1) - 12)
+    elif case == "faults":
+        codebook[3, 5] = float("nan")
+        codebook[4, 0] = float("-inf")
+        codebook[6] *= 1e19  # l2: ||e||^2 overflows fp32, excluded; cos: normalised like any other
+        codebook[7] = 0.0
+    elif case == "half":
+        codebook = codebook.half()
+    elif case == "strided":
+        codebook = torch.randn(D, 2 * K)[:, ::2].T
+    levels = cert._prepare_codes_fused(codebook, metric)
+    for split, got in zip((False, True), levels):
+        want = cert._prepare_codes(codebook, metric, split)
+        assert got["split"] == split
+        assert torch.equal(got["valid"], want["valid"])
+        assert int(got["s_e"]) == int(want["s_e"]) and bool(got["codes_ok"]) == bool(want["codes_ok"])
+        assert torch.equal(got["e16"].view(torch.int16), want["e16"].view(torch.int16)), "hi differs"
+        if split:
+            assert torch.equal(got["el16"].view(torch.int16), want["el16"].view(torch.int16)), "lo differs"
+        assert torch.equal(got["a"], want["a"])
+        assert torch.equal(got["a64"], want["a64"]) or metric == "l2"  # l2: float64 sums in another order
+        rel = (got["a64"] - want["a64"]).abs() / want["a64"].abs().clamp_min(1e-300)
+        assert (rel[want["valid"]] <= 1e-14).all()
+        assert torch.allclose(got["n_max"], want["n_max"], rtol=1e-14, atol=0)
+        for key in "PQRL":
+            g, w = got[key], want[key]
+            step = torch.nextafter(w, torch.full_like(w, float("inf"))) - w
+            assert (g >= w - step).all() and (g <= w + step).all(), f"{key} (split={split})"
+            assert (g[~want["valid"]] == 0).all()
+
+
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("metric", METRICS)
