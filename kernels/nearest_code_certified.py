@@ -462,6 +462,13 @@ def _prepare_codes(codebook, metric, split=False):
 
 
 @triton.jit
+def _rows64(ptr, rows, live, cols, D, stride_r, stride_d):
+    """The float64 tile ``x[rows, cols]`` of a strided ``[*, D]`` array (zeros outside ``live`` rows and D)."""
+    mask = live[:, None] & (cols < D)[None, :]
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float64)
+
+
+@triton.jit
 def _round_up_to_f32(x):
     """float64 ``x >= 0`` -> the smallest fp32 not below it."""
     y = x.to(tl.float32)
@@ -486,10 +493,7 @@ def _code_stats_kernel(
     sq = tl.zeros([BLOCK_R], dtype=tl.float64)
     amax = tl.zeros([BLOCK_R], dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        mask = mask_r[:, None] & (cols < D)[None, :]
-        x = tl.load(e_ptr + codes[:, None] * stride_k + cols[None, :] * stride_d, mask=mask, other=0.0)
-        x = x.to(tl.float64)
+        x = _rows64(e_ptr, codes, mask_r, d0 + offs_d, D, stride_k, stride_d)
         ok = tl.abs(x) < float("inf")  # False for NaN too
         finite = finite & (tl.min(ok.to(tl.int32), axis=1) != 0)
         x = tl.where(ok, x, 0.0)
@@ -554,8 +558,7 @@ def _code_prep_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask = mask_r[:, None] & (cols < D)[None, :]
-        x = tl.load(e_ptr + codes[:, None] * stride_k + cols[None, :] * stride_d, mask=mask, other=0.0)
-        x = x.to(tl.float64)
+        x = _rows64(e_ptr, codes, mask_r, cols, D, stride_k, stride_d)
         if IS_COS:
             x = x / div[:, None]
         x = tl.where(valid[:, None], x, 0.0)
@@ -686,53 +689,43 @@ def _prepare_rows_fused(z, metric, codes, pitch=None, select=None):
 
 
 @triton.jit
+def _normaliser(ptr, rows, live, D, stride_r, stride_d, EPS: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Per row, ``(amax, div)`` with ``x / amax / div`` the row normalised as
+    ``lgvq_fast.reference.nearest_code._normalize`` does (largest magnitude first, then ``max(norm, eps / amax)``),
+    in float64."""
+    offs_d = tl.arange(0, BLOCK_D)
+    amax = tl.zeros([BLOCK_R], dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        amax = tl.maximum(amax, tl.max(tl.abs(_rows64(ptr, rows, live, d0 + offs_d, D, stride_r, stride_d)), axis=1))
+    amax = tl.where(amax > 0, amax, 1.0)
+    sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        x = _rows64(ptr, rows, live, d0 + offs_d, D, stride_r, stride_d) / amax[:, None]
+        sq += tl.sum(x * x, axis=1)
+    return amax, tl.maximum(tl.sqrt(sq), EPS / amax)
+
+
+@triton.jit
 def _distance_kernel(
     z_ptr, e_ptr, idx_ptr, valid_ptr, out_ptr, N, D, stride_zn, stride_zd, stride_ek, stride_ed,
     IS_COS: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Step 6: per row, the float64 distance to its chosen code ``idx`` (``||z - e||^2``, or ``1 - cos`` with each
-    vector normalised as ``lgvq_fast.reference.nearest_code._normalize`` does: divided by its largest magnitude,
-    then by ``max(norm, eps / amax)``), stored as fp32; a code the rule excludes (``valid`` 0) counts as zeros."""
+    """Step 6: per row, the float64 distance to its chosen code ``idx`` (``||z - e||^2``, or ``1 - cos`` of the two
+    normalised as ``_normaliser`` says), stored as fp32; a code the rule excludes (``valid`` 0) counts as zeros."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
     k = tl.load(idx_ptr + rows, mask=mask_r, other=0)
     live = mask_r & (tl.load(valid_ptr + k, mask=mask_r, other=0) != 0)
-    z_base = z_ptr + rows[:, None] * stride_zn
-    e_base = e_ptr + k[:, None] * stride_ek
     offs_d = tl.arange(0, BLOCK_D)
     if IS_COS:
-        z_max = tl.zeros([BLOCK_R], dtype=tl.float64)
-        e_max = tl.zeros([BLOCK_R], dtype=tl.float64)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + offs_d
-            mz = mask_r[:, None] & (cols < D)[None, :]
-            me = live[:, None] & (cols < D)[None, :]
-            zt = tl.load(z_base + cols[None, :] * stride_zd, mask=mz, other=0.0).to(tl.float64)
-            et = tl.load(e_base + cols[None, :] * stride_ed, mask=me, other=0.0).to(tl.float64)
-            z_max = tl.maximum(z_max, tl.max(tl.abs(zt), axis=1))
-            e_max = tl.maximum(e_max, tl.max(tl.abs(et), axis=1))
-        z_max = tl.where(z_max > 0, z_max, 1.0)
-        e_max = tl.where(e_max > 0, e_max, 1.0)
-        z_sq = tl.zeros([BLOCK_R], dtype=tl.float64)
-        e_sq = tl.zeros([BLOCK_R], dtype=tl.float64)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + offs_d
-            mz = mask_r[:, None] & (cols < D)[None, :]
-            me = live[:, None] & (cols < D)[None, :]
-            zt = tl.load(z_base + cols[None, :] * stride_zd, mask=mz, other=0.0).to(tl.float64) / z_max[:, None]
-            et = tl.load(e_base + cols[None, :] * stride_ed, mask=me, other=0.0).to(tl.float64) / e_max[:, None]
-            z_sq += tl.sum(zt * zt, axis=1)
-            e_sq += tl.sum(et * et, axis=1)
-        z_div = tl.maximum(tl.sqrt(z_sq), EPS / z_max)
-        e_div = tl.maximum(tl.sqrt(e_sq), EPS / e_max)
+        z_max, z_div = _normaliser(z_ptr, rows, mask_r, D, stride_zn, stride_zd, EPS, BLOCK_R, BLOCK_D)
+        e_max, e_div = _normaliser(e_ptr, k, live, D, stride_ek, stride_ed, EPS, BLOCK_R, BLOCK_D)
     acc = tl.zeros([BLOCK_R], dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        mz = mask_r[:, None] & (cols < D)[None, :]
-        me = live[:, None] & (cols < D)[None, :]
-        zt = tl.load(z_base + cols[None, :] * stride_zd, mask=mz, other=0.0).to(tl.float64)
-        et = tl.load(e_base + cols[None, :] * stride_ed, mask=me, other=0.0).to(tl.float64)
+        zt = _rows64(z_ptr, rows, mask_r, d0 + offs_d, D, stride_zn, stride_zd)
+        et = _rows64(e_ptr, k, live, d0 + offs_d, D, stride_ek, stride_ed)
         if IS_COS:
             acc += tl.sum((zt / z_max[:, None] / z_div[:, None]) * (et / e_max[:, None] / e_div[:, None]), axis=1)
         else:
@@ -892,8 +885,7 @@ def _f64_search_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             mask_d = cols < D
-            zt = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zd,
-                         mask=live[:, None] & mask_d[None, :], other=0.0).to(tl.float64)
+            zt = _rows64(z_ptr, rows, live, cols, D, stride_zn, stride_zd)
             et = tl.load(e_ptr + code[:, :, None] * stride_ek + cols[None, None, :] * stride_ed,
                          mask=valid[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float64)
             dot += tl.sum(zt[:, None, :] * et, axis=2)
