@@ -207,11 +207,14 @@ def launch_everything(quick):
                                                     tma=tma, select=sel)
                 nearest_code_certified.certify_pass(z, cb, metric, torch.empty(N, dtype=torch.int64), split=True,
                                                     upper=torch.zeros(N), tma=tma, select=sel)
-            codes = nearest_code_certified._prepare_codes_fused(cb, metric)[0]
-            nearest_code_certified._final_distances(z, cb, codes["valid"], torch.zeros(N, dtype=torch.int64), metric)
-            for cand in (None, torch.zeros(N, nearest_code_certified.CAP, dtype=torch.int32)):  # float64 searches
-                nearest_code_certified._f64_search(z, cb, codes, *sel, cand=cand,
-                                                   count=None if cand is None else torch.ones(N, dtype=torch.int32))
+            for zz, cc in ((z, cb), (z.bfloat16(), cb.half())):  # the float64 steps read 16-bit inputs as they are
+                codes = nearest_code_certified._prepare_codes_fused(cc, metric)[0]
+                nearest_code_certified._prepare_rows_fused(zz, metric, codes)
+                nearest_code_certified._final_distances(zz, cc, codes["valid"], torch.zeros(N, dtype=torch.int64),
+                                                        metric)
+                for cand in (None, torch.zeros(N, nearest_code_certified.CAP, dtype=torch.int32)):
+                    nearest_code_certified._f64_search(zz, cc, codes, *sel, cand=cand,
+                                                       count=None if cand is None else torch.ones(N, dtype=torch.int32))
     for K, D in [(1024, 256), (512, 8)] + ([] if quick else [(16384, 256), (1000, 77)]):
         N = 2048
         z = torch.randn(N, D, generator=g)
