@@ -461,6 +461,12 @@ def _prepare_codes(codebook, metric, split=False):
                 a64=a64, w64=w64, valid=valid, c=c)
 
 
+def _rows_per_program():
+    """Rows (or codes) per program of the row-wise kernels: 16 on a GPU; 128 in the CPU interpreter, whose cost is
+    per program and per operation (each row's result does not depend on it)."""
+    return 128 if _interpret() else 16
+
+
 @triton.jit
 def _rows64(ptr, rows, live, cols, D, stride_r, stride_d):
     """The float64 tile ``x[rows, cols]`` of a strided ``[*, D]`` array (zeros outside ``live`` rows and D)."""
@@ -601,7 +607,7 @@ def _prepare_codes_fused(codebook, metric, pitch=None):
     pitch = pitch or D
     valid8 = torch.empty((K,), dtype=torch.int8, device=dev)
     div, amax_k, a64, w64, n = (torch.empty((K,), dtype=torch.float64, device=dev) for _ in range(5))
-    BLOCK_R, BLOCK_D = 16, min(64, max(16, triton.next_power_of_2(D)))
+    BLOCK_R, BLOCK_D = _rows_per_program(), min(64, max(16, triton.next_power_of_2(D)))
     grid = (triton.cdiv(K, BLOCK_R),)
     _code_stats_kernel[grid](codebook, valid8, div, amax_k, a64, w64, K, D, codebook.stride(0), codebook.stride(1),
                              IS_COS=metric == "cos", EPS=COS_EPS, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
@@ -671,7 +677,7 @@ def _prepare_rows_fused(z, metric, codes, pitch=None, select=None):
     m, rho, lam = (torch.empty((N,), dtype=torch.float32, device=z.device) for _ in range(3))
     flags = torch.empty((N,), dtype=torch.int8, device=z.device)
     BLOCK_D = min(128, max(16, triton.next_power_of_2(D)))
-    BLOCK_R = 16
+    BLOCK_R = _rows_per_program()
     _prep_rows_kernel[(triton.cdiv(N, BLOCK_R),)](
         z, sel, nsel, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1), pitch,
         IS_COS=metric == "cos", SPLIT=split, SELECT=select is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
@@ -738,7 +744,7 @@ def _final_distances(z, codebook, valid, idx, metric):
     """Step 6 (``_distance_kernel``): the float64 distance of each row's chosen code, as fp32."""
     N, D = z.shape
     out = torch.empty((N,), dtype=torch.float32, device=z.device)
-    BLOCK_R, BLOCK_D = 16, min(64, max(16, triton.next_power_of_2(D)))
+    BLOCK_R, BLOCK_D = _rows_per_program(), min(64, max(16, triton.next_power_of_2(D)))
     _distance_kernel[(triton.cdiv(N, BLOCK_R),)](
         z, codebook, idx, valid.to(torch.int8), out, N, D, z.stride(0), z.stride(1), codebook.stride(0),
         codebook.stride(1), IS_COS=metric == "cos", EPS=COS_EPS, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
