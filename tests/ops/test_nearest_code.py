@@ -1031,6 +1031,9 @@ def test_exact_mode_runs_the_certified_kernels_on_request(metric, monkeypatch):
     _check_certified(z, codebook, indices.reshape(-1), distances.reshape(-1), metric)
     nearest_code(z3, codebook, metric, "fast", impl="triton")  # fast mode is not affected
     assert calls == [1]
+    # the custom op's contract (schema, fake kernel, no aliasing) holds on this path too
+    torch.library.opcheck(torch.ops.lgvq_fast.nearest_code.default, (z[:40], codebook, metric, "exact", "triton"))
+    assert len(calls) > 1
     monkeypatch.setenv("LGVQ_FAST_NN_EXACT_KERNEL", "f64")
     with pytest.raises(ValueError, match="LGVQ_FAST_NN_EXACT_KERNEL"):
         nearest_code(z3, codebook, metric, "exact", impl="triton")
