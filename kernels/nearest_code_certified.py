@@ -982,8 +982,8 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
     _scatter(indices, sel4, _live(sel4, n4), idx4)
     indices.masked_fill_(bad, 0)
     dist = _final_distances(z, codebook, codes["valid"], indices, metric)
-    # No finite score: a bad row, or a row whose every code is excluded (the float64 search returned index 0
-    # with a NaN distance for it; its chosen code is then an excluded one).
+    # No finite score: a bad row, or a row whose every code is excluded (the float64 search then keeps index 0,
+    # an excluded code).
     no_code = bad | ~codes["valid"][indices]
     distances.copy_(torch.where(no_code, float("nan"), dist))
     if stats is not None:
