@@ -43,7 +43,8 @@ descriptors (rows of D rounded up to 8), as the fast mode's ``nearest_code_tma``
 
 No host sync: the rows each of steps 3 to 5 needs are compacted on the device (``_compact``: a cumulative sum
 and a scatter), and every later kernel reads their count from device memory -- programs past it skip their
-loops -- so the call can be captured in a CUDA graph once its kernels are compiled and tuned. The float64 steps
+loops; ``_settle_kernel`` writes each level's results back to their rows -- so the call can be captured in a
+CUDA graph once its kernels are compiled and tuned. The float64 steps
 are Triton kernels too (``_f64_search_kernel``), reading the inputs' own values: no float64 copy of the
 codebook is kept.
 
@@ -299,18 +300,20 @@ def _pow2(e):
 
 @triton.jit
 def _prep_rows_kernel(
-    z_ptr, sel_ptr, nsel_ptr, hi_ptr, lo_ptr, s_ptr, m_ptr, rho_ptr, lam_ptr, flags_ptr,
-    N, D, stride_n, stride_d, pitch,
-    IS_COS: tl.constexpr, SPLIT: tl.constexpr, SELECT: tl.constexpr, BLOCK_R: tl.constexpr,
+    z_ptr, sel_ptr, nsel_ptr, se_ptr, codes_ok_ptr, nmax_ptr, hi_ptr, lo_ptr, f_ptr, m_ptr, rho_ptr, lam_ptr,
+    bad_ptr, force_ptr, N, D, stride_n, stride_d, pitch,
+    C: tl.constexpr, IS_COS: tl.constexpr, SPLIT: tl.constexpr, SELECT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Step 1 for the rows, fused (``_prepare_rows`` does the same in float64 PyTorch passes). Per row: the scale
     exponent ``s`` (largest finite magnitude to [2^14, 2^15), clamped to +-60), ``hi = fp16(z 2^s)`` (and with
     ``SPLIT`` ``lo = fp16((z 2^s - hi) 2^12)``), and upper bounds of ``||z||``, the residual norm and ``||lo||
     2^-12 2^-s``, all taken in scaled units (no fp32 under- or overflow) and rounded up; ``hi`` and ``lo`` rows
-    ``pitch`` elements apart (D, or D rounded up to 8 for TMA). ``flags``: bit 0 a row
-    with no finite score (a NaN or inf; cos: norm >= 2^126), bit 1 a row too large for the scaled range.
-    ``SELECT``: output row ``j`` is row ``sel[j]`` of ``z``, for ``j < nsel[0]`` (a count on the device, so
+    ``pitch`` elements apart (D, or D rounded up to 8 for TMA). With the codebook's exponent ``s_e``, whether it
+    fits the scaled range (``codes_ok``) and its largest norm ``n_max`` (read on the device): the row factor
+    ``f = C 2^-(s + s_e)``, ``bad`` (no finite score: a NaN or inf; cos: norm >= 2^126) and ``force`` (not bad,
+    but no pass can certify it: too large for the scaled range, ``||z|| n_max >= 2^120``, a non-finite bound, or
+    a codebook out of range), with the bounds zeroed for both. ``SELECT``: output row ``j`` is row ``sel[j]`` of ``z``, for ``j < nsel[0]`` (a count on the device, so
     no host sync); later outputs are not written."""
     pid = tl.program_id(0)
     pos = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -373,11 +376,16 @@ def _prep_rows_kernel(
     m = (tl.sqrt(ssq) * up + floor) * inv
     rho = (tl.sqrt(rsq) * up + floor) * inv
     lam = tl.sqrt(lsq) * up * inv
-    tl.store(s_ptr + rows, s, mask=mask_r)
-    tl.store(m_ptr + rows, m, mask=mask_r)
-    tl.store(rho_ptr + rows, rho, mask=mask_r)
-    tl.store(lam_ptr + rows, lam, mask=mask_r)
-    tl.store(flags_ptr + rows, (bad + 2 * big.to(tl.int32)).to(tl.int8), mask=mask_r)
+    is_bad = bad != 0
+    force = big | (tl.load(codes_ok_ptr) == 0) | (m.to(tl.float64) * tl.load(nmax_ptr) >= 2.0**120)  # _PRODUCT_LIMIT
+    force = (force | ~(m < float("inf")) | ~(rho < float("inf")) | ~(lam < float("inf"))) & ~is_bad
+    skip = force | is_bad
+    tl.store(f_ptr + rows, C * _pow2(-(s + tl.load(se_ptr).to(tl.int32))), mask=mask_r)
+    tl.store(m_ptr + rows, tl.where(skip, 0.0, m), mask=mask_r)
+    tl.store(rho_ptr + rows, tl.where(skip, 0.0, rho), mask=mask_r)
+    tl.store(lam_ptr + rows, tl.where(skip, 0.0, lam), mask=mask_r)
+    tl.store(bad_ptr + rows, is_bad.to(tl.int8), mask=mask_r)
+    tl.store(force_ptr + rows, force.to(tl.int8), mask=mask_r)
 
 
 def _round_up_f32(x64):
@@ -673,25 +681,16 @@ def _prepare_rows_fused(z, metric, codes, pitch=None, select=None):
     pitch = pitch or D
     z16 = _pitched_half(N, D, pitch, z.device)
     zl16 = _pitched_half(N, D, pitch, z.device) if split else z16
-    s_z = torch.empty((N,), dtype=torch.int32, device=z.device)
-    m, rho, lam = (torch.empty((N,), dtype=torch.float32, device=z.device) for _ in range(3))
-    flags = torch.empty((N,), dtype=torch.int8, device=z.device)
+    f, m, rho, lam = (torch.empty((N,), dtype=torch.float32, device=z.device) for _ in range(4))
+    bad, force = (torch.empty((N,), dtype=torch.int8, device=z.device) for _ in range(2))
     BLOCK_D = min(128, max(16, triton.next_power_of_2(D)))
     BLOCK_R = _rows_per_program()
     _prep_rows_kernel[(triton.cdiv(N, BLOCK_R),)](
-        z, sel, nsel, z16, zl16, s_z, m, rho, lam, flags, N, D, z.stride(0), z.stride(1), pitch,
-        IS_COS=metric == "cos", SPLIT=split, SELECT=select is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        z, sel, nsel, codes["s_e"], codes["codes_ok"], codes["n_max"], z16, zl16, f, m, rho, lam, bad, force, N, D,
+        z.stride(0), z.stride(1), pitch, C=codes["c"], IS_COS=metric == "cos", SPLIT=split,
+        SELECT=select is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )
-    bad = (flags & 1) != 0
-    big = (flags & 2) != 0
-    f = torch.ldexp(torch.full((N,), codes["c"], dtype=torch.float32, device=z.device),
-                    -(s_z + codes["s_e"].to(torch.int32)))
-    force = big | ~codes["codes_ok"] | (m.double() * codes["n_max"] >= _PRODUCT_LIMIT)
-    force |= ~torch.isfinite(m) | ~torch.isfinite(rho) | ~torch.isfinite(lam)
-    force &= ~bad
-    zero = torch.zeros_like(m)
-    m, rho, lam = (torch.where(force | bad, zero, v) for v in (m, rho, lam))
-    return dict(z16=z16, zl16=zl16, f=f, m=m, rho=rho, lam=lam, bad=bad, force=force)
+    return dict(z16=z16, zl16=zl16, f=f, m=m, rho=rho, lam=lam, bad=bad.view(torch.bool), force=force.view(torch.bool))
 
 
 @triton.jit
@@ -842,13 +841,29 @@ def _live(sel, n, ok=None):
     return live if ok is None else live & ok
 
 
-def _scatter(dst, sel, live, src):
-    """``dst[sel[j]] = src[j]`` for each ``j`` with ``live[j]``, without a host sync (the others write a spare
-    slot, dropped)."""
-    M = dst.shape[0]
-    padded = torch.cat([dst, dst[:1]])
-    padded.index_copy_(0, torch.where(live, sel, M), src.to(dst.dtype))
-    dst.copy_(padded[:M])
+@triton.jit
+def _settle_kernel(sel_ptr, n_ptr, ok_ptr, idx_ptr, indices_ptr, proven_ptr, M, HAS_OK: tl.constexpr,
+                   MARK: tl.constexpr, BLOCK: tl.constexpr):
+    """For each compacted entry ``j < n[0]`` (with ``ok[j]`` set, given ``HAS_OK``): ``indices[sel[j]] = idx[j]``
+    and, with ``MARK``, ``proven[sel[j]] = 1`` -- a level's results written back to their rows, no host sync."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = (j < M) & (j < tl.load(n_ptr))
+    if HAS_OK:
+        live = live & (tl.load(ok_ptr + j, mask=live, other=0) != 0)
+    rows = tl.load(sel_ptr + j, mask=live, other=0)
+    tl.store(indices_ptr + rows, tl.load(idx_ptr + j, mask=live, other=0), mask=live)
+    if MARK:
+        tl.store(proven_ptr + rows, tl.full([BLOCK], 1, dtype=tl.int8), mask=live)
+
+
+def _settle(indices, proven, sel, n, idx, ok=None):
+    """``_settle_kernel``: ``indices [N]`` int64 updated in place, and ``proven [N]`` bool unless it is None."""
+    M = sel.shape[0]
+    BLOCK = 1024
+    mark = proven is not None
+    _settle_kernel[(triton.cdiv(M, BLOCK),)](sel, n, idx if ok is None else ok, idx, indices,
+                                             proven.view(torch.int8) if mark else indices, M, HAS_OK=ok is not None,
+                                             MARK=mark, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -921,7 +936,7 @@ def _f64_search(z, codebook, codes, sel, n, cand=None, count=None):
         idx, ok, codebook.shape[0], z.shape[1], z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
         C=codes["c"], CANDIDATES=candidates, CAP=CAP, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
     )
-    return idx, ok != 0
+    return idx, ok
 
 
 def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tma=None):
@@ -963,9 +978,7 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
     idx2 = torch.empty((N,), dtype=torch.int64, device=z.device)
     _, _, proven2, upper2 = certify_pass(z, codebook, metric, idx2, config, codes=codes2, split=True, tma=tma,
                                          select=(sel2, n2))
-    ok2 = _live(sel2, n2, proven2 != 0)
-    _scatter(indices, sel2, ok2, idx2)
-    _scatter(proven, sel2, ok2, ok2)
+    _settle(indices, proven, sel2, n2, idx2, proven2)
     # Level 3: what is left (near and true ties) lists its candidates in a second split pass, and float64 scores
     # just those; a row with none or more than CAP candidates goes to the full float64 search.
     left, n3 = _compact(_live(sel2, n2, proven2 == 0))
@@ -973,13 +986,11 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
     _, _, cand, count = certify_pass(z, codebook, metric, torch.empty_like(sel3), config, codes=codes2, split=True,
                                      upper=upper2[left], tma=tma, select=(sel3, n3))
     idx3, ok3 = _f64_search(z, codebook, codes, sel3, n3, cand, count)
-    ok3 = _live(sel3, n3, ok3)
-    _scatter(indices, sel3, ok3, idx3)
-    _scatter(proven, sel3, ok3, ok3)
+    _settle(indices, proven, sel3, n3, idx3, ok3)
     # Last: float64 against every code, for what no certificate settled (and rows outside the scaled range).
     sel4, n4 = _compact(~proven & ~bad)
     idx4, _ = _f64_search(z, codebook, codes, sel4, n4)
-    _scatter(indices, sel4, _live(sel4, n4), idx4)
+    _settle(indices, None, sel4, n4, idx4)
     indices.masked_fill_(bad, 0)
     dist = _final_distances(z, codebook, codes["valid"], indices, metric)
     # No finite score: a bad row, or a row whose every code is excluded (the float64 search then keeps index 0,
@@ -987,5 +998,6 @@ def nearest_code_certified(z, codebook, metric="l2", config=None, stats=None, tm
     no_code = bad | ~codes["valid"][indices]
     distances.copy_(torch.where(no_code, float("nan"), dist))
     if stats is not None:
-        stats.update(rescored=n4[0].long(), split_rows=n2[0].long(), candidate_rows=ok3.sum(), proven=proven)
+        stats.update(rescored=n4[0].long(), split_rows=n2[0].long(), candidate_rows=_live(sel3, n3, ok3 != 0).sum(),
+                     proven=proven)
     return indices, distances

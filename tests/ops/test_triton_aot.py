@@ -33,7 +33,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     for kernel in ("_nearest_code_fwd_kernel", "_certify_kernel", "_prep_rows_kernel", "_f64_search_kernel",
-                   "_code_stats_kernel", "_code_prep_kernel", "_distance_kernel",
+                   "_code_stats_kernel", "_code_prep_kernel", "_distance_kernel", "_settle_kernel",
                    "_code_norms_kernel",
                    "_code_normalize_kernel",
                    "_ema_cluster_size_kernel", "_ema_embed_kernel", "_ema_scatter_kernel", "_ema_chunk_kernel",
