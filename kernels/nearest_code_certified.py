@@ -323,7 +323,6 @@ def _prep_rows_kernel(
     else:
         mask_r = pos < N
         rows_in = pos
-    rows = pos
     offs_d = tl.arange(0, BLOCK_D)
     base = z_ptr + rows_in[:, None] * stride_n
     amax = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -364,11 +363,11 @@ def _prep_rows_kernel(
             lo32 = lo.to(tl.float32) * (1.0 / 4096.0)
             approx = approx + lo32
             lsq += tl.sum(lo32 * lo32, axis=1)
-            tl.store(lo_ptr + rows[:, None] * pitch + cols[None, :], lo, mask=mask)
+            tl.store(lo_ptr + pos[:, None] * pitch + cols[None, :], lo, mask=mask)
         r = xs - approx
         rsq += tl.sum(r * r, axis=1)
         ssq += tl.sum(xs * xs, axis=1)
-        tl.store(hi_ptr + rows[:, None] * pitch + cols[None, :], hi, mask=mask)
+        tl.store(hi_ptr + pos[:, None] * pitch + cols[None, :], hi, mask=mask)
     # sums of D squares carry at most (D + 2) u of relative error, a root halves it; x * 2^s may lose up to 2^-150
     # per element where it underflows (s < 0): an absolute sqrt(D) 2^-150 in scaled units
     up = 1.0 + (D + 4) * 2.0**-24
@@ -380,12 +379,12 @@ def _prep_rows_kernel(
     force = big | (tl.load(codes_ok_ptr) == 0) | (m.to(tl.float64) * tl.load(nmax_ptr) >= 2.0**120)  # _PRODUCT_LIMIT
     force = (force | ~(m < float("inf")) | ~(rho < float("inf")) | ~(lam < float("inf"))) & ~is_bad
     skip = force | is_bad
-    tl.store(f_ptr + rows, C * _pow2(-(s + tl.load(se_ptr).to(tl.int32))), mask=mask_r)
-    tl.store(m_ptr + rows, tl.where(skip, 0.0, m), mask=mask_r)
-    tl.store(rho_ptr + rows, tl.where(skip, 0.0, rho), mask=mask_r)
-    tl.store(lam_ptr + rows, tl.where(skip, 0.0, lam), mask=mask_r)
-    tl.store(bad_ptr + rows, is_bad.to(tl.int8), mask=mask_r)
-    tl.store(force_ptr + rows, force.to(tl.int8), mask=mask_r)
+    tl.store(f_ptr + pos, C * _pow2(-(s + tl.load(se_ptr).to(tl.int32))), mask=mask_r)
+    tl.store(m_ptr + pos, tl.where(skip, 0.0, m), mask=mask_r)
+    tl.store(rho_ptr + pos, tl.where(skip, 0.0, rho), mask=mask_r)
+    tl.store(lam_ptr + pos, tl.where(skip, 0.0, lam), mask=mask_r)
+    tl.store(bad_ptr + pos, is_bad.to(tl.int8), mask=mask_r)
+    tl.store(force_ptr + pos, force.to(tl.int8), mask=mask_r)
 
 
 def _round_up_f32(x64):
